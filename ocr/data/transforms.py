@@ -1,0 +1,141 @@
+"""CPU image transforms of the baseline backend: decode, warp by M, colour jitter,
+normalise. The geometry (M) comes from ``ocr.data.geometry``; the DALI backend applies
+the same M and the same jitter formulas in its graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from ocr.data import geometry
+from ocr.data.geometry import TrainAugment
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Bump when any transform changes its output for the same input and parameters:
+# it is part of every cache key.
+TRANSFORMS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """Multiplicative jitter, each factor drawn uniformly in [1 - x, 1 + x]:
+    out = brightness * (128 + contrast * (in - 128)), then saturation around the grey."""
+
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+@dataclass(frozen=True)
+class TransformParams:
+    """Everything that decides a sample's pixels, in one hashable object."""
+
+    image_size: int = 640
+    train: bool = False
+    augment: TrainAugment = field(default_factory=TrainAugment)
+    jitter: ColorJitter = field(default_factory=ColorJitter)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    reduced_decode: bool = True  # JPEG DCT-domain downscale when the image is much larger
+
+    def describe(self) -> dict:
+        """Plain dict of every parameter (for cache keys and the run summary)."""
+        from dataclasses import asdict
+
+        return {**asdict(self), "transforms_version": TRANSFORMS_VERSION}
+
+
+class ImageDecodeError(RuntimeError):
+    pass
+
+
+def is_jpeg(data: np.ndarray) -> bool:
+    return data.size > 2 and data[0] == 0xFF and data[1] == 0xD8
+
+
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_reduction(matrix: np.ndarray, encoded: np.ndarray, enabled: bool = True) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4, 8) that still leaves at least the
+    resolution the warp needs (never upsample a reduced image)."""
+    if not enabled or not is_jpeg(encoded):
+        return 1
+    scale = geometry.matrix_scale(matrix)
+    for r in (8, 4, 2):
+        if scale * r <= 1.0:
+            return r
+    return 1
+
+
+def decode_rgb(encoded: np.ndarray, reduction: int = 1, name: str = "") -> np.ndarray:
+    """Decode to RGB uint8 honouring EXIF orientation; grayscale, alpha and 16-bit
+    inputs become 3-channel 8-bit. ``reduction`` > 1 decodes a JPEG at 1/reduction size."""
+    image = cv2.imdecode(encoded, _REDUCED_FLAGS[reduction])
+    if image is None:
+        raise ImageDecodeError(f"{name or 'image'}: cannot decode image data ({encoded.size} bytes)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def warp_to_canvas(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Render ``image`` through ``matrix`` onto a size x size canvas (black outside).
+    Downscaling is antialiased: the isotropic part of the scale is done by an area
+    resize first, the rest by a bilinear warp, so the composition is exactly ``matrix``."""
+    scale = geometry.matrix_scale(matrix)
+    if scale < 1.0:
+        image = cv2.resize(image, (0, 0), fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        matrix = matrix @ geometry.scale_matrix(1.0 / scale)
+    if np.allclose(matrix, np.eye(3), atol=1e-9):
+        canvas = np.zeros((size, size, 3), dtype=np.uint8)
+        h, w = min(size, image.shape[0]), min(size, image.shape[1])
+        canvas[:h, :w] = image[:h, :w]
+        return canvas
+    affine = geometry.to_pixel_center_convention(matrix)[:2]
+    return cv2.warpAffine(image, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def draw_jitter(rng: np.random.Generator, jitter: ColorJitter) -> tuple[float, float, float]:
+    return tuple(float(rng.uniform(1 - x, 1 + x)) for x in (jitter.brightness, jitter.contrast, jitter.saturation))
+
+
+def apply_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    out = image.astype(np.float32)
+    out = brightness * (128.0 + contrast * (out - 128.0))
+    grey = out @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    out = grey[..., None] + saturation * (out - grey[..., None])
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def normalize_chw(image: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 HWC RGB -> float32 CHW, (x / 255 - mean) / std."""
+    scale = np.asarray(std, dtype=np.float32) * 255.0
+    shift = np.asarray(mean, dtype=np.float32) * 255.0
+    out = (image.astype(np.float32) - shift) / scale
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def sample_matrix(params: TransformParams, height: int, width: int, polygons, ignore, rng) -> np.ndarray:
+    if params.train:
+        return geometry.train_matrix(height, width, list(polygons), list(ignore), params.image_size, rng, params.augment)
+    return geometry.eval_matrix(height, width, params.image_size)
+
+
+def render_sample(params: TransformParams, encoded: np.ndarray, matrix: np.ndarray, height: int, width: int,
+                  rng: np.random.Generator | None, name: str = "") -> np.ndarray:
+    """Encoded bytes -> uint8 RGB canvas (size x size) through ``matrix`` (+ jitter in training)."""
+    reduction = decode_reduction(matrix, encoded, params.reduced_decode)
+    image = decode_rgb(encoded, reduction, name)
+    expected = (-(-height // reduction), -(-width // reduction))
+    if image.shape[:2] != expected:
+        raise ImageDecodeError(
+            f"{name}: decoded size {image.shape[1]}x{image.shape[0]} does not match the header size "
+            f"{width}x{height} (reduction {reduction})"
+        )
+    canvas = warp_to_canvas(image, matrix @ geometry.scale_matrix(reduction), params.image_size)
+    if params.train and rng is not None:
+        canvas = apply_jitter(canvas, *draw_jitter(rng, params.jitter))
+    return canvas
