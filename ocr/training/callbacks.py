@@ -1,0 +1,192 @@
+"""Callbacks: per-epoch timing and throughput, and the run summary JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ocr.data.batch import batch_size
+
+log = logging.getLogger(__name__)
+
+
+def _sync(pl_module: L.LightningModule) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
+
+
+class _PhaseClock:
+    """Wall time of one loop phase, the part of it spent waiting for the loader
+    (from the end of one batch to the start of the next), and images seen."""
+
+    def __init__(self) -> None:
+        self.start = self.last_end = time.perf_counter()
+        self.loader_wait = 0.0
+        self.images = 0
+        self.batches = 0
+
+    def batch_start(self) -> None:
+        self.loader_wait += time.perf_counter() - self.last_end
+
+    def batch_end(self, images: int) -> None:
+        self.last_end = time.perf_counter()
+        self.images += images
+        self.batches += 1
+
+    def result(self, prefix: str) -> dict:
+        seconds = time.perf_counter() - self.start
+        return {
+            f"{prefix}_seconds": round(seconds, 3),
+            f"{prefix}_loader_wait_seconds": round(self.loader_wait, 3),
+            f"{prefix}_images": self.images,
+            f"{prefix}_batches": self.batches,
+            f"{prefix}_img_s": round(self.images / seconds, 3) if seconds > 0 else 0.0,
+        }
+
+
+class EpochTimer(L.Callback):
+    """Measures train and validation time per epoch (CUDA-synchronised), loader wait
+    time and images/s; logs one line per epoch and keeps the records for the summary."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+        self._train: _PhaseClock | None = None
+        self._val: _PhaseClock | None = None
+        self._current: dict = {}
+
+    # training
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        _sync(pl_module)
+        self._current = {"epoch": trainer.current_epoch}
+        self._train = _PhaseClock()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._train.batch_start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(pl_module)
+        self._train.batch_end(batch_size(batch))
+
+    # validation (runs inside the training epoch, before on_train_epoch_end)
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        _sync(pl_module)
+        if self._train is not None and "train_seconds" not in self._current:
+            self._current.update(self._train.result("train"))
+        self._val = _PhaseClock()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._val is not None and not trainer.sanity_checking:
+            self._val.batch_start()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._val is not None and not trainer.sanity_checking:
+            _sync(pl_module)
+            self._val.batch_end(batch_size(batch))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self._val is None:
+            return
+        self._current.update(self._val.result("val"))
+        self._val = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._train is not None and "train_seconds" not in self._current:
+            self._current.update(self._train.result("train"))
+        record = dict(self._current)
+        metrics = trainer.callback_metrics
+        if "train/loss_epoch" in metrics:
+            record["train_loss"] = round(float(metrics["train/loss_epoch"]), 5)
+        for key in ("val/loss", "val/hmean", "val/cleval_precision", "val/cleval_recall",
+                    "val/iou_precision", "val/iou_recall", "val/iou_hmean"):
+            if key in metrics:
+                record[key.replace("/", "_")] = round(float(metrics[key]), 5)
+        record["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        self.epochs.append(record)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"time/{k}": v for k, v in record.items() if k.endswith(("_seconds", "_img_s"))}, step=trainer.global_step)
+        log.info(_epoch_line(record))
+
+
+def _epoch_line(r: dict) -> str:
+    line = f"Epoch {r['epoch']}: train {r.get('train_seconds', 0):.1f} s ({r.get('train_img_s', 0):.2f} img/s"
+    line += f", loader wait {r.get('train_loader_wait_seconds', 0):.1f} s)"
+    if "val_seconds" in r:
+        line += f", val {r['val_seconds']:.1f} s (loader wait {r['val_loader_wait_seconds']:.1f} s)"
+    if "train_loss" in r:
+        line += f", train loss {r['train_loss']:.4f}"
+    if "val_hmean" in r:
+        line += (f", val hmean CLEval {r['val_hmean']:.4f} (P {r.get('val_cleval_precision', 0):.3f} "
+                 f"R {r.get('val_cleval_recall', 0):.3f}), IoU {r.get('val_iou_hmean', 0):.4f}")
+    return line
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunSummary(L.Callback):
+    """Writes ``run_summary.json`` (atomically) when fitting or testing ends or fails:
+    per-epoch timings from the EpochTimer, final metrics, the resolved config, the
+    hardware and the run's choices (backend, precision). Benchmarks read this file."""
+
+    def __init__(self, path: Path, timer: EpochTimer, static: dict):
+        self.path = Path(path)
+        self.timer = timer
+        self.static = static
+        self.started = time.time()
+        self.status = "running"
+        self.extra: dict = {}
+
+    def payload(self, pl_module) -> dict:
+        final = getattr(pl_module, "last_metrics", {})
+        epochs = self.timer.epochs
+        return {
+            **self.static,
+            "status": self.status,
+            "wall_seconds": round(time.time() - self.started, 3),
+            "epochs": epochs,
+            "final_metrics": final,
+            "mean_train_img_s": _mean([e.get("train_img_s") for e in epochs]),
+            **self.extra,
+        }
+
+    def write(self, pl_module) -> None:
+        write_json_atomic(self.path, self.payload(pl_module))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.status = "finished"
+        if trainer.checkpoint_callback is not None:
+            self.extra["best_checkpoint"] = trainer.checkpoint_callback.best_model_path or None
+            self.extra["last_checkpoint"] = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
+        self.write(pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.status = "finished"
+        self.write(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self.extra["error"] = f"{type(exception).__name__}: {exception}"
+        self.write(pl_module)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 3) if values else None

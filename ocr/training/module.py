@@ -1,0 +1,116 @@
+"""LightningModule: DBNet + DB loss for training, post-processing + hmean for eval."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from ocr.data.batch import batch_size
+from ocr.metrics import DetectionEvaluator
+from ocr.models import DBLoss, DBNet, DBPostProcessor
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, name: str, min_lr_ratio: float, power: float) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then cosine / poly decay."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if name == "cosine":
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "poly":
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress) ** power
+    raise ValueError(f"model.scheduler.name: unknown schedule {name!r} (cosine | poly | constant)")
+
+
+class DBNetModule(L.LightningModule):
+    def __init__(self, model_cfg: dict):
+        super().__init__()
+        self.save_hyperparameters({"model_cfg": model_cfg})
+        cfg = model_cfg
+        self.model = DBNet(backbone=cfg["backbone"], pretrained=cfg["pretrained"], inner_channels=cfg["inner_channels"], k=cfg["k"])
+        loss = cfg["loss"]
+        self.loss = DBLoss(alpha=loss["alpha"], beta=loss["beta"], negative_ratio=loss["ohem_ratio"])
+        pp = cfg["postprocess"]
+        self.postprocess = DBPostProcessor(
+            thresh=pp["thresh"], box_thresh=pp["box_thresh"], unclip_ratio=pp["unclip_ratio"],
+            max_candidates=pp["max_candidates"], min_size=pp["min_size"], output=pp["output"],
+        )
+        self.evaluators = {"val": DetectionEvaluator(), "test": DetectionEvaluator()}
+        self.last_metrics: dict[str, dict] = {}
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        preds = self.model(batch["images"])
+        loss, parts = self.loss(preds, batch)
+        n = batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        preds = self.model(batch["images"])
+        if "thresh_map" in preds and "prob_maps" in batch:
+            loss, _ = self.loss(preds, batch)
+            self.log(f"{split}/loss", loss, batch_size=batch_size(batch))
+        results = self.postprocess(preds["prob_map"], batch["matrices"], batch["orig_sizes"])
+        evaluator = self.evaluators[split]
+        for i, (polygons, _scores) in enumerate(results):
+            evaluator.add(batch["polygons"][i], batch["ignore"][i], polygons)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, split: str) -> None:
+        evaluator = self.evaluators[split]
+        if len(evaluator) == 0:
+            return
+        metrics = evaluator.compute()
+        evaluator.reset()
+        self.last_metrics[split] = metrics
+        self.log(f"{split}/hmean", metrics["cleval"]["hmean"], prog_bar=True)
+        for family in ("cleval", "iou"):
+            for name, value in metrics[family].items():
+                self.log(f"{split}/{family}_{name}", value)
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluators["val"].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluators["test"].reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        preds = self.model(batch["images"])
+        results = self.postprocess(preds["prob_map"], batch["matrices"], batch["orig_sizes"])
+        return [
+            {"name": name, "polygons": polygons, "scores": scores}
+            for name, (polygons, scores) in zip(batch["names"], results)
+        ]
+
+    def configure_optimizers(self):
+        opt_cfg, sch_cfg = self.hparams.model_cfg["optimizer"], self.hparams.model_cfg["scheduler"]
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"], betas=tuple(opt_cfg["betas"])
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = int(round(sch_cfg["warmup_epochs"] * total / epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_lambda(step, total, warmup, sch_cfg["name"], sch_cfg["min_lr_ratio"], sch_cfg["power"]),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

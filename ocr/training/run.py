@@ -1,0 +1,231 @@
+"""What the runners do: build data, model, loggers and trainer from the config and run
+fit / test / predict. The runners themselves stay thin @hydra.main wrappers."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from ocr.data.datamodule import OCRDataModule
+from ocr.hardware import probe
+from ocr.training.callbacks import EpochTimer, RunSummary
+from ocr.training.module import DBNetModule
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def resolve_precision(requested: str, cuda: bool) -> tuple[str, str]:
+    """(precision, why). ``auto``: 16-mixed on CUDA, 32-true on CPU; anything else wins."""
+    if requested != "auto":
+        return requested, "set explicitly"
+    if cuda:
+        return "16-mixed", "auto: CUDA available"
+    return "32-true", "auto: no CUDA, CPU training in fp32"
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    if cfg.logger.csv.enabled:
+        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
+    if cfg.logger.tensorboard.enabled:
+        loggers.append(TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version=""))
+    if cfg.logger.wandb.enabled:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+            import wandb  # noqa: F401  (WandbLogger imports it lazily; fail here with a clear message)
+        except ImportError as exc:
+            raise ConfigError("logger.wandb.enabled=true but the wandb package is not installed (uv add wandb)") from exc
+        w = cfg.logger.wandb
+        loggers.append(WandbLogger(project=w.project, entity=w.entity, name=cfg.exp_name, offline=w.offline, save_dir=str(output_dir)))
+    return loggers
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__}
+    try:
+        import nvidia.dali as dali
+
+        versions["dali"] = dali.__version__
+    except ImportError:
+        versions["dali"] = None
+    return versions
+
+
+def _static_summary(cfg: DictConfig, output_dir: Path, precision: str, datamodule: OCRDataModule) -> dict:
+    return {
+        "exp_name": cfg.exp_name,
+        "output_dir": str(output_dir),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "precision": precision,
+        "backend": datamodule.backend_description(),
+        "hardware": probe().to_dict(),
+        "versions": _versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, precision: str, callbacks: list, loggers: list, validate: bool = True) -> L.Trainer:
+    t = cfg.trainer
+    return L.Trainer(
+        default_root_dir=str(output_dir),
+        max_epochs=t.max_epochs,
+        precision=precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches if validate else 0,
+        limit_test_batches=t.limit_test_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        benchmark=t.benchmark,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        max_time=t.max_time,
+        callbacks=callbacks,
+        logger=loggers or False,
+    )
+
+
+def _quiet_lightning_handlers() -> None:
+    """Lightning adds its own console handler; under Hydra the root logger already
+    prints (and writes the run log), so every line would appear twice."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+
+
+def _common_setup(cfg: DictConfig) -> tuple[Path, str]:
+    _quiet_lightning_handlers()
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    precision, why = resolve_precision(cfg.trainer.precision, cuda)
+    log.info("Precision: %s (%s)", precision, why)
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    return output_dir, precision
+
+
+def train(cfg: DictConfig) -> Path:
+    """Fit, validating every epoch; returns the path of the run summary JSON."""
+    output_dir, precision = _common_setup(cfg)
+    datamodule = OCRDataModule(cfg, splits=("train", "val"))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = DBNetModule(OmegaConf.to_container(cfg.model, resolve=True))
+
+    validate = cfg.trainer.limit_val_batches not in (0, 0.0)
+    timer = EpochTimer()
+    summary_path = output_dir / "run_summary.json"
+    summary = RunSummary(summary_path, timer, _static_summary(cfg, output_dir, precision, datamodule))
+    checkpoint = ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="epoch{epoch:02d}-hmean{val/hmean:.4f}" if validate else "epoch{epoch:02d}",
+        auto_insert_metric_name=False,
+        monitor="val/hmean" if validate else None,
+        mode="max",
+        save_last=True,
+    )
+    callbacks = [timer, summary, checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // 2)))
+    trainer = build_trainer(cfg, output_dir, precision, callbacks, build_loggers(cfg, output_dir), validate)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    final = module.last_metrics.get("val")
+    if final:
+        log.info(
+            "Final validation: CLEval P %.4f R %.4f hmean %.4f | IoU P %.4f R %.4f hmean %.4f",
+            final["cleval"]["precision"], final["cleval"]["recall"], final["cleval"]["hmean"],
+            final["iou"]["precision"], final["iou"]["recall"], final["iou"]["hmean"],
+        )
+    log.info("Best checkpoint: %s", checkpoint.best_model_path or checkpoint.last_model_path)
+    log.info("Run summary: %s", summary_path)
+    return summary_path
+
+
+def _load_module(ckpt_path: str | None) -> DBNetModule:
+    if not ckpt_path:
+        raise ConfigError("ckpt_path is required (ckpt_path=outputs/<exp>/<time>/checkpoints/last.ckpt)")
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: checkpoint {path} not found")
+    return DBNetModule.load_from_checkpoint(str(path), map_location="cpu")
+
+
+def test(cfg: DictConfig) -> dict:
+    """Evaluate a checkpoint on ``cfg.split``; returns {"cleval": {...}, "iou": {...}}."""
+    output_dir, precision = _common_setup(cfg)
+    module = _load_module(cfg.ckpt_path)
+    split = cfg.split
+    if split not in ("val", "test"):
+        raise ConfigError(f"split: expected val or test, got {split!r}")
+    datamodule = OCRDataModule(cfg, splits=(split,))
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    module.evaluators["test"].reset()
+    trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
+    loader = datamodule.eval_dataloader(split)
+    trainer.test(module, dataloaders=loader, verbose=False)
+    metrics = module.last_metrics["test"]
+    log.info(
+        "%s split (%d images): CLEval P %.4f R %.4f hmean %.4f | IoU P %.4f R %.4f hmean %.4f",
+        split, len(datamodule.sources[split]),
+        metrics["cleval"]["precision"], metrics["cleval"]["recall"], metrics["cleval"]["hmean"],
+        metrics["iou"]["precision"], metrics["iou"]["recall"], metrics["iou"]["hmean"],
+    )
+    return metrics
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Write predictions for every image in ``cfg.input_dir`` in the annotation format."""
+    from ocr.data.annotations import Sample, save_annotations
+    from ocr.data.datamodule import auto_workers, transform_params
+    from ocr.data.dataset import ValidatedOCRDataset, make_cpu_loader
+    from ocr.data.source import SampleSource
+
+    output_dir, precision = _common_setup(cfg)
+    module = _load_module(cfg.ckpt_path)
+    if not cfg.input_dir:
+        raise ConfigError("input_dir is required (input_dir=path/to/images)")
+    folder = Path(cfg.input_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"input_dir: folder {folder} not found")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ConfigError(f"input_dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    samples = [Sample(name=p.name, path=p, polygons=(), ignore=(), word_ids=(), transcriptions=()) for p in paths]
+    dataset = ValidatedOCRDataset(SampleSource(samples, split="predict"), transform_params(cfg.data, train=False), with_targets=False)
+    loader = make_cpu_loader(dataset, cfg.loader.eval_batch_size, shuffle=False, num_workers=auto_workers(cfg.loader.num_workers))
+    trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
+    batches = trainer.predict(module, dataloaders=loader)
+    images = {}
+    for item in (item for batch in batches for item in batch):
+        words = {
+            f"{i + 1:04d}": {"points": [[round(float(x), 2), round(float(y), 2)] for x, y in poly], "score": round(float(score), 4)}
+            for i, (poly, score) in enumerate(zip(item["polygons"], item["scores"]))
+        }
+        images[item["name"]] = {"words": words}
+    out = Path(cfg.output_json) if cfg.output_json else output_dir / "predictions.json"
+    save_annotations(out, images)
+    log.info("Predictions for %d images (%d words) written to %s", len(images), sum(len(v["words"]) for v in images.values()), out)
+    return out

@@ -1,0 +1,21 @@
+"""Predict text boxes for a folder of images:
+uv run python runners/predict.py ckpt_path=PATH input_dir=FOLDER [output_json=OUT.json]."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ocr.config import register_configs
+from ocr.training.entry import run_safely
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    from ocr.training.run import predict
+
+    run_safely(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Evaluate a checkpoint: uv run python runners/test.py ckpt_path=PATH [split=test|val]."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ocr.config import register_configs
+from ocr.training.entry import run_safely
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="test")
+def main(cfg: DictConfig) -> None:
+    from ocr.training.run import test
+
+    run_safely(test, cfg)
+
+
+if __name__ == "__main__":
+    main()

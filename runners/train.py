@@ -1,0 +1,20 @@
+"""Train DBNet: uv run python runners/train.py [overrides]."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ocr.config import register_configs
+from ocr.training.entry import run_safely
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from ocr.training.run import train
+
+    run_safely(train, cfg)
+
+
+if __name__ == "__main__":
+    main()

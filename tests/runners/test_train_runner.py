@@ -1,0 +1,82 @@
+"""The real runners, end to end, on a tiny generated dataset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ocr.data.synthetic import generate_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "receipts"
+    generate_dataset(root, num_train=8, num_val=4, num_test=4, seed=3, progress=False)
+    return root
+
+
+def _run(script, *overrides, cwd):
+    cmd = [sys.executable, str(REPO / "runners" / script), *overrides]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+COMMON = [
+    "data.image_size=128", "data.targets.min_text_size=3", "loader.batch_size=4", "loader.eval_batch_size=4", "loader.num_workers=0",
+    "trainer.enable_progress_bar=false", "logger.wandb.enabled=false", "seed=42",
+]
+
+
+def test_train_improves_loss_and_writes_summary(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    proc = _run(
+        "train.py", f"data.root={tiny_root}", f"hydra.run.dir={out}", "exp_name=tiny",
+        "trainer.max_epochs=4", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "model.optimizer.lr=0.003", "model.scheduler.warmup_epochs=0", "trainer.precision=32-true",
+        *COMMON, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "finished"
+    losses = [e["train_loss"] for e in summary["epochs"]]
+    assert len(losses) == 4
+    assert losses[-1] < 0.8 * losses[0], losses
+    first = summary["epochs"][0]
+    assert first["train_images"] == 8 and first["val_images"] == 4
+    assert first["train_seconds"] > 0 and first["train_img_s"] > 0
+    assert set(summary["final_metrics"]["val"]) == {"cleval", "iou"}
+    assert summary["precision"] == "32-true"
+    assert summary["config"]["data"]["root"] == str(tiny_root)
+    assert summary["hardware"]["cpu_cores_usable"] >= 1
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+    # the checkpoint evaluates through the test runner and predicts through the predict runner
+    test_out = tmp_path / "test"
+    proc = _run("test.py", f"data.root={tiny_root}", f"hydra.run.dir={test_out}",
+                f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", *COMMON, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(metrics) == {"cleval", "iou"} and 0.0 <= metrics["cleval"]["hmean"] <= 1.0
+
+    pred_json = tmp_path / "pred.json"
+    proc = _run("predict.py", f"hydra.run.dir={tmp_path / 'pred'}", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+                f"input_dir={tiny_root / 'images' / 'test'}", f"output_json={pred_json}", *COMMON, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predictions = json.loads(pred_json.read_text())["images"]
+    assert sorted(predictions) == sorted(p.name for p in (tiny_root / "images" / "test").iterdir())
+
+
+def test_bad_data_root_is_one_clear_error(tmp_path):
+    proc = _run("train.py", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}", *COMMON, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "nowhere/jsons/train.json not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_typo_in_override_fails_loudly(tmp_path):
+    proc = _run("train.py", "trainer.max_epoch=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "max_epoch" in proc.stderr
