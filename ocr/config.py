@@ -87,7 +87,8 @@ class TargetConfig:
 class DataConfig:
     root: str = "${data.synthetic.root}"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    image_size: int = 640
+    image_size: int = 640  # eval: longer side scaled to this, padded square
+    train_crop_size: int = 0  # train: square window at the same text scale (0: image_size)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     reduced_decode: bool = True
@@ -144,6 +145,7 @@ class ModelConfig:
     pretrained: bool = False
     inner_channels: int = 256
     k: int = 50
+    channels_last: bool = True  # NHWC convolutions: 10-30% faster on CPU and with AMP on GPU
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loss: LossConfig = field(default_factory=LossConfig)

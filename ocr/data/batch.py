@@ -38,6 +38,36 @@ def collate_samples(samples: list[dict]) -> dict:
     return batch
 
 
+def attach_targets(batch: dict, target_kwargs: dict) -> dict:
+    """Compute the DB targets of a whole batch with the vectorised implementation on
+    the device of ``batch["images"]`` (CPU or CUDA) from its network-pixel polygons."""
+    from ocr.data.targets import make_db_targets_batch
+
+    images = batch["images"]
+    maps = make_db_targets_batch(batch["net_polygons"], batch["ignore"], images.shape[-2], images.shape[-1],
+                                 device=images.device, **target_kwargs)
+    batch.update({TARGET_KEY_OF[k]: v for k, v in maps.items()})
+    return batch
+
+
+def needs_targets(batch: dict) -> bool:
+    return "prob_maps" not in batch and "net_polygons" in batch
+
+
+class Collator:
+    """collate_samples, then (``vectorized``) the batch's targets in the same worker."""
+
+    def __init__(self, target_mode: str, target_kwargs: dict):
+        self.target_mode = target_mode
+        self.target_kwargs = dict(target_kwargs)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate_samples(samples)
+        if self.target_mode == "vectorized" and needs_targets(batch):
+            attach_targets(batch, self.target_kwargs)
+        return batch
+
+
 def batch_size(batch: dict) -> int:
     return int(batch["images"].shape[0])
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
 
 from ocr.data.annotations import load_annotations
-from ocr.data.dataset import ValidatedOCRDataset, make_cpu_loader
+from ocr.data.backends import build_loader, choose_backend
+from ocr.data.batch import attach_targets, needs_targets
 from ocr.data.geometry import TrainAugment
 from ocr.data.source import SampleSource
 from ocr.data.transforms import ColorJitter, TransformParams
@@ -29,6 +29,7 @@ def transform_params(data_cfg: DictConfig, train: bool) -> TransformParams:
     return TransformParams(
         image_size=int(data_cfg.image_size),
         train=train,
+        crop_size=int(data_cfg.train_crop_size),
         augment=TrainAugment(aug.scale_min, aug.scale_max, aug.max_rotation, aug.hflip_prob, aug.text_crop_prob),
         jitter=ColorJitter(aug.brightness, aug.contrast, aug.saturation),
         mean=tuple(float(x) for x in data_cfg.mean),
@@ -53,13 +54,6 @@ def ensure_builtin_dataset(data_cfg: DictConfig) -> None:
     ensure_dataset(root, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, seed=syn.seed)
 
 
-def auto_workers(requested: int) -> int:
-    if requested >= 0:
-        return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus - 1))
-
-
 def split_config(cfg: DictConfig, split: str) -> DictConfig:
     return cfg.datasets[f"{split}_dataset"].config
 
@@ -82,12 +76,16 @@ def load_split_source(cfg: DictConfig, split: str) -> SampleSource:
 
 
 class OCRDataModule(L.LightningDataModule):
+    """Sources per split, the backend choice (logged once), and the loaders."""
+
     def __init__(self, cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")):
         super().__init__()
         self.cfg = cfg
         self.splits = splits
         self.sources: dict[str, SampleSource] = {}
-        self.num_workers = auto_workers(cfg.loader.num_workers)
+        self.choice = choose_backend(cfg.loader)
+        log.info("Data backend: %s on %s, %s targets (%s)", self.choice.backend, self.choice.device,
+                 self.choice.targets, self.choice.reason)
 
     def prepare_data(self) -> None:
         ensure_builtin_dataset(self.cfg.data)
@@ -98,25 +96,29 @@ class OCRDataModule(L.LightningDataModule):
                 self.sources[split] = load_split_source(self.cfg, split)
 
     def backend_description(self) -> dict:
-        return {"backend": "cpu", "device": "cpu", "num_workers": self.num_workers, "reason": "CPU baseline backend"}
+        return self.choice.to_dict()
 
-    def eval_dataloader(self, split: str):
-        return self._loader(split)
-
-    def _loader(self, split: str):
+    def split_loader(self, split: str):
         train = split == "train"
-        dataset = ValidatedOCRDataset(
-            self.sources[split], transform_params(self.cfg.data, train), with_targets=True,
-            target_kwargs=target_kwargs(self.cfg.data),
+        loader_cfg = self.cfg.loader
+        batch_size = loader_cfg.batch_size if train else loader_cfg.eval_batch_size
+        source = self.sources[split]
+        return build_loader(
+            self.choice, source, transform_params(self.cfg.data, train), target_kwargs(self.cfg.data),
+            batch_size=batch_size, shuffle=train, drop_last=train and len(source) > batch_size, seed=self.cfg.seed,
         )
-        batch_size = self.cfg.loader.batch_size if train else self.cfg.loader.eval_batch_size
-        return make_cpu_loader(dataset, batch_size, shuffle=train, num_workers=self.num_workers, drop_last=train and len(dataset) > batch_size)
 
     def train_dataloader(self):
-        return self._loader("train")
+        return self.split_loader("train")
 
     def val_dataloader(self):
-        return self._loader("val")
+        return self.split_loader("val")
 
     def test_dataloader(self):
-        return self._loader("test")
+        return self.split_loader("test")
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Deferred targets: computed here, on the model's device, for the whole batch."""
+        if needs_targets(batch):
+            attach_targets(batch, target_kwargs(self.cfg.data))
+        return batch

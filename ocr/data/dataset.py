@@ -8,10 +8,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ocr.data import geometry
-from ocr.data.batch import TARGET_KEY_OF, collate_samples
+from ocr.data.batch import TARGET_KEY_OF, Collator
 from ocr.data.source import SampleSource
 from ocr.data.targets import make_db_targets
 from ocr.data.transforms import TransformParams, normalize_chw, render_sample, sample_matrix
+
+
+TARGET_MODES = ("reference", "vectorized", "deferred")
 
 
 class ValidatedOCRDataset(Dataset):
@@ -24,11 +27,16 @@ class ValidatedOCRDataset(Dataset):
     """
 
     def __init__(self, source: SampleSource, params: TransformParams, with_targets: bool = True,
-                 target_kwargs: dict | None = None):
+                 target_kwargs: dict | None = None, target_mode: str = "reference"):
+        if target_mode not in TARGET_MODES:
+            raise ValueError(f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}")
         self.source = source
         self.params = params
         self.with_targets = with_targets
         self.target_kwargs = dict(target_kwargs or {})
+        # reference: per sample here; vectorized: per batch in the collate (same worker);
+        # deferred: per batch on the model's device after the transfer.
+        self.target_mode = target_mode
         self._rng: np.random.Generator | None = None
         self._rng_seed: int | None = None
 
@@ -57,8 +65,8 @@ class ValidatedOCRDataset(Dataset):
             "ignore": list(sample.ignore),
             "names": sample.name,
         }
-        if self.with_targets:
-            size = self.params.image_size
+        if self.with_targets and self.target_mode == "reference":
+            size = self.params.output_size
             targets = make_db_targets(net_polygons, list(sample.ignore), size, size, **self.target_kwargs)
             item.update({TARGET_KEY_OF[k]: v for k, v in targets.items()})
         return item
@@ -66,12 +74,13 @@ class ValidatedOCRDataset(Dataset):
 
 def make_cpu_loader(dataset: ValidatedOCRDataset, batch_size: int, shuffle: bool, num_workers: int,
                     drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    mode = dataset.target_mode if dataset.with_targets else "reference"
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
-        collate_fn=collate_samples,
+        collate_fn=Collator(mode, dataset.target_kwargs),
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

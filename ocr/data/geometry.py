@@ -86,9 +86,12 @@ def train_matrix(
     image_size: int,
     rng: np.random.Generator,
     aug: TrainAugment,
+    crop_size: int | None = None,
 ) -> np.ndarray:
-    """Flip, scale, rotate about the image centre, then translate so that an
-    ``image_size`` square window is filled with image, biased to contain text."""
+    """Flip, scale (relative to the eval scale for ``image_size``), rotate about the
+    image centre, then translate so that a ``crop_size`` square window (default
+    ``image_size``) is filled with image, biased to contain text."""
+    window = crop_size or image_size
     m = np.eye(3)
     if rng.random() < aug.hflip_prob:
         m = hflip_matrix(width) @ m
@@ -102,15 +105,15 @@ def train_matrix(
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     # Window origin range that keeps the window inside the image where possible;
     # when the image is smaller than the window, any origin that shows all of it.
-    origin_min = np.minimum(lo, hi - image_size)
-    origin_max = np.maximum(lo, hi - image_size)
+    origin_min = np.minimum(lo, hi - window)
+    origin_max = np.maximum(lo, hi - window)
 
     candidates = [i for i, ign in enumerate(ignore) if not ign]
     if candidates and rng.random() < aug.text_crop_prob:
         poly = transform_points(m, polygons[candidates[rng.integers(len(candidates))]])
         p_lo, p_hi = poly.min(axis=0), poly.max(axis=0)
         # Origins that contain the whole word, intersected with the image range.
-        text_min = np.maximum(origin_min, p_hi - image_size)
+        text_min = np.maximum(origin_min, p_hi - window)
         text_max = np.minimum(origin_max, p_lo)
         ok = text_min <= text_max
         origin_min = np.where(ok, text_min, origin_min)

@@ -36,11 +36,16 @@ class TransformParams:
 
     image_size: int = 640
     train: bool = False
+    crop_size: int = 0  # training window (0: image_size); text keeps the eval scale
     augment: TrainAugment = field(default_factory=TrainAugment)
     jitter: ColorJitter = field(default_factory=ColorJitter)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     reduced_decode: bool = True  # JPEG DCT-domain downscale when the image is much larger
+
+    @property
+    def output_size(self) -> int:
+        return self.crop_size if (self.train and self.crop_size) else self.image_size
 
     def describe(self) -> dict:
         """Plain dict of every parameter (for cache keys and the run summary)."""
@@ -120,7 +125,7 @@ def normalize_chw(image: np.ndarray, mean, std) -> np.ndarray:
 
 def sample_matrix(params: TransformParams, height: int, width: int, polygons, ignore, rng) -> np.ndarray:
     if params.train:
-        return geometry.train_matrix(height, width, list(polygons), list(ignore), params.image_size, rng, params.augment)
+        return geometry.train_matrix(height, width, list(polygons), list(ignore), params.image_size, rng, params.augment, params.crop_size or None)
     return geometry.eval_matrix(height, width, params.image_size)
 
 
@@ -135,7 +140,7 @@ def render_sample(params: TransformParams, encoded: np.ndarray, matrix: np.ndarr
             f"{name}: decoded size {image.shape[1]}x{image.shape[0]} does not match the header size "
             f"{width}x{height} (reduction {reduction})"
         )
-    canvas = warp_to_canvas(image, matrix @ geometry.scale_matrix(reduction), params.image_size)
+    canvas = warp_to_canvas(image, matrix @ geometry.scale_matrix(reduction), params.output_size)
     if params.train and rng is not None:
         canvas = apply_jitter(canvas, *draw_jitter(rng, params.jitter))
     return canvas

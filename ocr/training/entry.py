@@ -15,12 +15,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import OmegaConfBaseException
 
     from ocr.data.annotations import AnnotationError
+    from ocr.data.backends import BackendError
     from ocr.data.datamodule import DataConfigError
     from ocr.data.source import ImageReadError
     from ocr.data.transforms import ImageDecodeError
     from ocr.training.run import ConfigError
 
-    return (AnnotationError, DataConfigError, ImageReadError, ImageDecodeError, ConfigError, OmegaConfBaseException)
+    return (AnnotationError, BackendError, DataConfigError, ImageReadError, ImageDecodeError, ConfigError, OmegaConfBaseException)
 
 
 def run_safely(fn, cfg):

@@ -39,14 +39,16 @@ class DBNetModule(L.LightningModule):
             thresh=pp["thresh"], box_thresh=pp["box_thresh"], unclip_ratio=pp["unclip_ratio"],
             max_candidates=pp["max_candidates"], min_size=pp["min_size"], output=pp["output"],
         )
+        self.memory_format = torch.channels_last if cfg.get("channels_last", False) else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         self.evaluators = {"val": DetectionEvaluator(), "test": DetectionEvaluator()}
         self.last_metrics: dict[str, dict] = {}
 
     def forward(self, images: torch.Tensor) -> dict:
-        return self.model(images)
+        return self.model(images.contiguous(memory_format=self.memory_format))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        preds = self.model(batch["images"])
+        preds = self(batch["images"])
         loss, parts = self.loss(preds, batch)
         n = batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
@@ -54,7 +56,7 @@ class DBNetModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        preds = self.model(batch["images"])
+        preds = self(batch["images"])
         if "thresh_map" in preds and "prob_maps" in batch:
             loss, _ = self.loss(preds, batch)
             self.log(f"{split}/loss", loss, batch_size=batch_size(batch))
@@ -94,7 +96,7 @@ class DBNetModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        preds = self.model(batch["images"])
+        preds = self(batch["images"])
         results = self.postprocess(preds["prob_map"], batch["matrices"], batch["orig_sizes"])
         return [
             {"name": name, "polygons": polygons, "scores": scores}

@@ -181,7 +181,7 @@ def test(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     module.evaluators["test"].reset()
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
-    loader = datamodule.eval_dataloader(split)
+    loader = datamodule.split_loader(split)
     trainer.test(module, dataloaders=loader, verbose=False)
     metrics = module.last_metrics["test"]
     log.info(
@@ -199,8 +199,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 def predict(cfg: DictConfig) -> Path:
     """Write predictions for every image in ``cfg.input_dir`` in the annotation format."""
     from ocr.data.annotations import Sample, save_annotations
-    from ocr.data.datamodule import auto_workers, transform_params
-    from ocr.data.dataset import ValidatedOCRDataset, make_cpu_loader
+    from ocr.data.backends import build_loader, choose_backend
+    from ocr.data.datamodule import transform_params
     from ocr.data.source import SampleSource
 
     output_dir, precision = _common_setup(cfg)
@@ -214,8 +214,8 @@ def predict(cfg: DictConfig) -> Path:
     if not paths:
         raise ConfigError(f"input_dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     samples = [Sample(name=p.name, path=p, polygons=(), ignore=(), word_ids=(), transcriptions=()) for p in paths]
-    dataset = ValidatedOCRDataset(SampleSource(samples, split="predict"), transform_params(cfg.data, train=False), with_targets=False)
-    loader = make_cpu_loader(dataset, cfg.loader.eval_batch_size, shuffle=False, num_workers=auto_workers(cfg.loader.num_workers))
+    loader = build_loader(choose_backend(cfg.loader), SampleSource(samples, split="predict"), transform_params(cfg.data, train=False),
+                          {}, batch_size=cfg.loader.eval_batch_size, shuffle=False, drop_last=False, seed=cfg.seed, with_targets=False)
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
     batches = trainer.predict(module, dataloaders=loader)
     images = {}

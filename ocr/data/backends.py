@@ -1,0 +1,98 @@
+"""Which data backend runs, and building a split's loader with it.
+
+Every loader returned here is an iterable of Batches (see ``ocr.data.batch``) with a
+``len()``; nothing downstream knows which backend produced a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from ocr.data.dataset import ValidatedOCRDataset, make_cpu_loader
+from ocr.data.source import SampleSource
+from ocr.data.transforms import TransformParams
+from ocr.hardware import usable_cpus
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpu", "dali")
+DEVICES = ("auto", "gpu", "cpu")
+TARGET_MODES = ("auto", "reference", "vectorized")
+
+
+class BackendError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str  # cpu | dali
+    device: str  # cpu | gpu: where pixels and targets are computed
+    targets: str  # reference | vectorized
+    num_workers: int
+    dali_threads: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(loader_cfg: DictConfig, cuda_available: bool | None = None) -> BackendChoice:
+    """Resolve ``loader.backend`` / ``loader.device`` / ``loader.targets`` (auto or explicit)."""
+    backend, device, targets = loader_cfg.backend, loader_cfg.device, loader_cfg.targets
+    for key, value, allowed in (("backend", backend, BACKENDS), ("device", device, DEVICES), ("targets", targets, TARGET_MODES)):
+        if value not in allowed:
+            raise BackendError(f"loader.{key}: {value!r} is not one of {', '.join(allowed)}")
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if device == "gpu" and not cuda:
+        raise BackendError("loader.device=gpu but CUDA is not usable on this machine (use loader.device=cpu or auto)")
+    if device == "auto":
+        device = "gpu" if cuda else "cpu"
+    if backend == "dali" and not _dali_available():
+        raise BackendError("loader.backend=dali but nvidia-dali is not installed")
+    reasons = []
+    if backend == "auto":
+        if device == "gpu" and _dali_available():
+            backend = "dali"
+            reasons.append("CUDA usable: DALI decodes and augments on the GPU")
+        else:
+            # Without CUDA the CPU backend was the faster one in benchmarks/loader_bench.py.
+            backend = "cpu"
+            reasons.append("no CUDA: the CPU backend (faster than DALI's CPU operators here)" if device == "cpu"
+                           else "DALI not installed")
+    else:
+        reasons.append(f"loader.backend={backend}")
+    if targets == "auto":
+        targets = "vectorized"
+        reasons.append(f"vectorised DB targets on the {device}")
+    cpus = usable_cpus()
+    workers = loader_cfg.num_workers if loader_cfg.num_workers >= 0 else max(1, min(8, cpus - 1))
+    threads = loader_cfg.dali_threads if loader_cfg.dali_threads >= 0 else max(1, min(8, cpus - 1))
+    return BackendChoice(backend, device, targets, workers, threads, "; ".join(reasons))
+
+
+def build_loader(choice: BackendChoice, source: SampleSource, params: TransformParams, target_kwargs: dict,
+                 batch_size: int, shuffle: bool, drop_last: bool, seed: int, with_targets: bool = True):
+    """The split's loader for the chosen backend."""
+    if choice.backend == "dali":
+        from dali_pipelines.loader import build_dali_loader
+
+        return build_dali_loader(choice, source, params, target_kwargs, batch_size, shuffle, drop_last, seed, with_targets)
+    dataset = ValidatedOCRDataset(
+        source, params, with_targets=with_targets, target_kwargs=target_kwargs,
+        target_mode=choice.targets if choice.device == "cpu" else "deferred",
+    )
+    return make_cpu_loader(dataset, batch_size, shuffle=shuffle, num_workers=choice.num_workers, drop_last=drop_last,
+                           pin_memory=choice.device == "gpu")
