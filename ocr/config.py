@@ -12,22 +12,29 @@ from omegaconf import MISSING
 
 @dataclass
 class CacheConfig:
-    cache_transformed_tensors: bool = False  # replay eval Batches (images + targets + metadata)
-    cache_images: bool = False  # keep encoded image bytes in RAM after first read
-    cache_maps: bool = False  # keep DB target maps computed/loaded for eval splits
-    store: str = "auto"  # auto | gpu | pinned | disk
-    cache_dir: str = ".cache/dbnet"
-    content_hash: bool = False  # fingerprint file contents, not only names/sizes/mtimes
-    log_statistics_every_n: int = 100
+    # Replay this eval split's Batches (images + targets + metadata) after the first
+    # complete pass; refused on the train split (random augmentation).
+    cache_transformed_tensors: bool = False
+    # Hold the split's encoded images in RAM in the main process, read once before any
+    # loader worker starts and shared with all of them (same mechanism as preload_images;
+    # a cache inside each worker is what this project does not do).
+    cache_images: bool = False
+    cache_maps: bool = False  # with load_maps: keep maps read from the map store in RAM (main process)
+    store: str = "auto"  # auto | gpu | pinned | host | disk | off (pinned == host RAM, page-locked with CUDA)
+    cache_dir: str = ".cache/dbnet"  # disk store and precomputed maps: <cache_dir>/{tensors,maps}/<split>-<key>/
+    content_hash: bool = False  # fingerprint the images by content (SHA-256), not names/sizes/mtimes
+    log_statistics_every_n: int = 100  # accesses (samples) between "Cache Statistics" lines (0: epoch ends only)
+    max_memory_fraction: float = 0.5  # of the free GPU / available host memory a cache or preload may take
 
 
 @dataclass
 class DatasetConfig:
     image_path: str = MISSING
     annotation_path: str = MISSING
-    preload_images: bool = False
-    load_maps: bool = False
-    preload_maps: bool = False
+    preload_images: bool = False  # encoded bytes of every image in RAM at start (both backends)
+    preload_decoded: bool = False  # CPU backend: decoded RGB arrays in RAM instead (more memory, no decode)
+    load_maps: bool = False  # eval splits: DB targets from precomputed maps (scripts/preprocess_data.py maps)
+    preload_maps: bool = False  # with load_maps: read all maps into RAM at start
     on_error: str = "raise"  # raise | skip (skip bad words/images with one counted warning)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
 
@@ -86,9 +93,14 @@ class TargetConfig:
 @dataclass
 class DataConfig:
     root: str = "${data.synthetic.root}"
+    # Which configs/data/performance_preset/*.yaml set the datasets' cache options
+    # (the preset files set this; individual overrides of those options still win).
+    performance_preset: str = "none"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    image_size: int = 640  # eval: longer side scaled to this, padded square
-    train_crop_size: int = 0  # train: square window at the same text scale (0: image_size)
+    # Sized so the default run trains from scratch in minutes on a 2-core CPU; for real
+    # documents on a GPU use e.g. data.image_size=640 data.train_crop_size=640.
+    image_size: int = 384  # eval: longer side scaled to this, padded square
+    train_crop_size: int = 256  # train: square window at the same text scale (0: image_size)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     reduced_decode: bool = True
@@ -109,7 +121,7 @@ class LoaderConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
@@ -143,7 +155,7 @@ class PostprocessConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     pretrained: bool = False
-    inner_channels: int = 256
+    inner_channels: int = 64  # FPN width (the DB paper: 256); the backbone dominates the cost
     k: int = 50
     channels_last: bool = True  # NHWC convolutions: 10-30% faster on CPU and with AMP on GPU
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -154,7 +166,7 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10
+    max_epochs: int = 24
     precision: str = "auto"  # auto: 16-mixed on CUDA, 32-true on CPU; any Lightning value wins
     accelerator: str = "auto"
     devices: Any = "auto"

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ocr.data.datamodule import OCRDataModule
 from ocr.hardware import probe
-from ocr.training.callbacks import EpochTimer, RunSummary
+from ocr.training.callbacks import CacheStatistics, EpochTimer, RunSummary
 from ocr.training.module import DBNetModule
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,16 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     pass
+
+
+PRECISION_NAMES = {
+    "32-true": "32bit True Precision (FP32)",
+    "32": "32bit True Precision (FP32)",
+    "16-mixed": "16bit Automatic Mixed Precision (AMP)",
+    "bf16-mixed": "bf16 Automatic Mixed Precision (AMP)",
+    "16-true": "16bit True Precision (FP16)",
+    "bf16-true": "bf16 True Precision",
+}
 
 
 def resolve_precision(requested: str, cuda: bool) -> tuple[str, str]:
@@ -116,7 +126,7 @@ def _common_setup(cfg: DictConfig) -> tuple[Path, str]:
     L.seed_everything(cfg.seed, workers=True)
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     precision, why = resolve_precision(cfg.trainer.precision, cuda)
-    log.info("Precision: %s (%s)", precision, why)
+    log.info("Using %s (trainer.precision=%s, %s)", PRECISION_NAMES.get(precision, precision), precision, why)
     if cuda:
         torch.set_float32_matmul_precision("high")
     return output_dir, precision
@@ -142,7 +152,7 @@ def train(cfg: DictConfig) -> Path:
         mode="max",
         save_last=True,
     )
-    callbacks = [timer, summary, checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    callbacks = [timer, CacheStatistics(datamodule, summary, timer), summary, checkpoint, LearningRateMonitor(logging_interval="epoch")]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // 2)))
     trainer = build_trainer(cfg, output_dir, precision, callbacks, build_loggers(cfg, output_dir), validate)
@@ -181,6 +191,7 @@ def test(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     module.evaluators["test"].reset()
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
+    datamodule.trainer = trainer  # the loader's caches read the trainer's limits and device
     loader = datamodule.split_loader(split)
     trainer.test(module, dataloaders=loader, verbose=False)
     metrics = module.last_metrics["test"]
