@@ -182,6 +182,8 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = True
     max_time: Optional[str] = None
+    # Cap this process's share of GPU memory (benchmarks/run_matrix.py --emulate-tier).
+    gpu_memory_fraction: Optional[float] = None
 
 
 @dataclass

@@ -129,6 +129,9 @@ def _common_setup(cfg: DictConfig) -> tuple[Path, str]:
     log.info("Using %s (trainer.precision=%s, %s)", PRECISION_NAMES.get(precision, precision), precision, why)
     if cuda:
         torch.set_float32_matmul_precision("high")
+        if cfg.trainer.gpu_memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(float(cfg.trainer.gpu_memory_fraction))
+            log.info("GPU memory capped at %.0f%% of the device (trainer.gpu_memory_fraction)", 100 * cfg.trainer.gpu_memory_fraction)
     return output_dir, precision
 
 
