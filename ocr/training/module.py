@@ -71,13 +71,25 @@ class DBNetModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def _gathered(self, evaluator: DetectionEvaluator) -> DetectionEvaluator:
+        """Under DDP each rank scored its own shard: sum every rank's counts."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return evaluator
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, evaluator)
+        merged = DetectionEvaluator()
+        for part in parts:
+            merged.merge(part)
+        return merged
+
     def _eval_epoch_end(self, split: str) -> None:
-        evaluator = self.evaluators[split]
+        evaluator = self._gathered(self.evaluators[split])
+        self.evaluators[split].reset()
         if len(evaluator) == 0:
             return
         metrics = evaluator.compute()
-        evaluator.reset()
         self.last_metrics[split] = metrics
+        # Identical on every rank after the gather: no further reduction needed.
         self.log(f"{split}/hmean", metrics["cleval"]["hmean"], prog_bar=True)
         for family in ("cleval", "iou"):
             for name, value in metrics[family].items():
