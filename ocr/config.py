@@ -15,9 +15,10 @@ class CacheConfig:
     # Replay this eval split's Batches (images + targets + metadata) after the first
     # complete pass; refused on the train split (random augmentation).
     cache_transformed_tensors: bool = False
-    # Hold the split's encoded images in RAM in the main process, read once before any
-    # loader worker starts and shared with all of them (same mechanism as preload_images;
-    # a cache inside each worker is what this project does not do).
+    # Image caching: the same switch as preload_images (either one true: the split's
+    # encoded images are read into RAM by the main process before any loader worker
+    # starts, in one buffer every worker maps; never a cache per worker). Presets use
+    # preload_images, so an override preload_images=false turns it off.
     cache_images: bool = False
     cache_maps: bool = False  # with load_maps: keep maps read from the map store in RAM (main process)
     store: str = "auto"  # auto | gpu | pinned | host | disk | off (pinned == host RAM, page-locked with CUDA)

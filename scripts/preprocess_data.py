@@ -5,6 +5,8 @@
     uv run python scripts/preprocess_data.py canonicalize --images DIR --out-images DIR \\
         [--json JSON --out-json JSON] [--quality 95] [--skip-bad]
     uv run python scripts/preprocess_data.py validate --images DIR --json JSON [--no-check-images]
+    uv run python scripts/preprocess_data.py maps --split val [--generator auto|reference|vectorized] \\
+        [--cache-dir DIR] [--force] [OVERRIDE ...]   (the training run's Hydra overrides, e.g. data.image_size=512)
 
 Exit codes: 0 success; 1 ``validate`` found problems in the data; 2 error (bad
 arguments, missing/malformed file in raise mode, ...) with a one-line message.
@@ -172,9 +174,96 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+# ------------------------------------------------------------------------------- maps
+
+
+def add_maps_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "maps",
+        help="precompute the DB target maps of an evaluation split (read by load_maps=true)",
+        description="Compose the training config (configs/<config-name>.yaml with the given Hydra "
+        "overrides, exactly as the run will), compute the DB targets of every sample of the split at "
+        "the eval geometry and write them under <cache_dir>/maps/<split>-<key>/, keyed like the "
+        "training run looks them up (dataset fingerprint, annotations, image size, target "
+        "parameters, generator). Pass the same data overrides as the training run.",
+    )
+    p.add_argument("--split", default="val", choices=["val", "test"], help="evaluation split (default: val)")
+    p.add_argument(
+        "--generator",
+        default="auto",
+        choices=["auto", "reference", "vectorized"],
+        help="target implementation; auto: what the run's loader uses (loader.targets)",
+    )
+    p.add_argument("--cache-dir", type=Path, help="default: the split's cache_config.cache_dir")
+    p.add_argument("--config-name", default="train", help="Hydra config to compose (default: train)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per vectorised call (default: 8)")
+    p.add_argument("--force", action="store_true", help="recompute even when an entry for the key exists")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the training run (key=value)")
+    p.set_defaults(func=cmd_maps)
+
+
+def compose_config(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from ocr.config import register_configs
+
+    register_configs()
+    config_dir = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+        return compose(config_name=config_name, overrides=[*overrides, "output_dir=unused"])
+
+
+def cmd_maps(args: argparse.Namespace) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ocr.data.backends import choose_backend
+    from ocr.data.cache import MANIFEST, entry_path
+    from ocr.data.cache_key import annotations_component, dataset_component
+    from ocr.data.datamodule import (
+        ensure_builtin_dataset,
+        load_split_source,
+        split_config,
+        target_kwargs,
+        transform_params,
+    )
+    from ocr.data.maps import maps_key, write_maps_entry
+
+    try:
+        cfg = compose_config(args.config_name, list(args.overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ValueError(f"config: {e}") from e
+    ensure_builtin_dataset(cfg.data)
+    dcfg = split_config(cfg, args.split)
+    generator = args.generator
+    if generator == "auto":
+        generator = choose_backend(cfg.loader).targets
+    cache_dir = args.cache_dir or Path(dcfg.cache_config.cache_dir)
+    source = load_split_source(cfg, args.split)
+    size = transform_params(cfg.data, train=False).output_size
+    tk = target_kwargs(cfg.data)
+    names = [s.name for s in source.samples]
+    key = maps_key(
+        args.split,
+        dataset_component(dcfg.image_path, names, bool(dcfg.cache_config.content_hash)),
+        annotations_component(dcfg.annotation_path, dcfg.on_error),
+        size,
+        tk,
+        generator,
+    )
+    final = entry_path(cache_dir, key)
+    if (final / MANIFEST).is_file() and not args.force:
+        print(f"up to date: {final} ({len(names)} samples, {generator} targets at {size} px)")
+        return 0
+    path, stats = write_maps_entry(cache_dir, key, source, size, tk, generator, batch_size=args.batch_size,
+                                   progress=not args.quiet)
+    _print_stats(f"maps of the {args.split} split -> {path}", stats)
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
 
-SUBCOMMANDS = [add_import_parser, add_canonicalize_parser, add_validate_parser]
+SUBCOMMANDS = [add_import_parser, add_canonicalize_parser, add_validate_parser, add_maps_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,28 @@
 """SampleSource: what every backend reads. Encoded image bytes (from disk, or from RAM
 when preloaded), the image's displayed size (EXIF-aware, read from the header only) and
 its polygons. It is picklable, so DataLoader workers and DALI's parallel external source
-can carry it to other processes."""
+can carry it to other processes.
+
+Preloading (``preload_images`` / ``cache_images``) happens once, in the main process,
+before any worker starts. The bytes of the whole split go into ONE buffer backed by a
+file in ``/dev/shm`` (RAM) that every process maps instead of copying: forked DataLoader
+workers inherit the mapping, and spawned processes (DALI's parallel external source)
+unpickle a path and map the same pages. So there is one copy of the images per machine,
+never one per worker. Without a usable ``/dev/shm`` the buffer is a plain array of the
+main process (forked workers still share it copy-on-write; spawned ones get a copy).
+
+``preload_decoded`` (CPU backend) keeps decoded RGB arrays instead, decoded at the JPEG
+DCT reduction the split's geometry allows (see :meth:`SampleSource.preload_decoded`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import weakref
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -19,6 +35,8 @@ log = logging.getLogger(__name__)
 # EXIF orientations 5..8 swap width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
+_SHM_DIR = "/dev/shm"
+_SHM_PREFIX = "dbnet_images_"
 
 
 class ImageReadError(RuntimeError):
@@ -38,6 +56,121 @@ def read_image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_shm_files() -> None:
+    """Buffers left in /dev/shm by processes that were killed."""
+    try:
+        names = os.listdir(_SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_SHM_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_SHM_PREFIX):].split("_", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+            except OSError:
+                pass
+
+
+class SharedBytes:
+    """Many byte strings in one read-only buffer. ``shared=True`` puts the buffer in a
+    file under /dev/shm that is mapped (not copied) by every process that unpickles this
+    object; the creating process removes the file when the object is garbage collected
+    or the process exits (mappings stay valid after that)."""
+
+    def __init__(self, chunks: list[bytes], shared: bool = True):
+        lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.path: str | None = None
+        self._array: np.ndarray | None = None
+        total = int(self.offsets[-1])
+        if shared and total > 0 and self._shm_usable(total):
+            _remove_stale_shm_files()
+            fd, path = tempfile.mkstemp(prefix=f"{_SHM_PREFIX}{os.getpid()}_", suffix=".bin", dir=_SHM_DIR)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for c in chunks:
+                        f.write(c)
+                self.path = path
+                # only the creating process removes it (forked workers inherit this finalizer)
+                self._finalizer = weakref.finalize(self, _unlink_if_owner, path, os.getpid())
+            except OSError as exc:  # e.g. /dev/shm full: keep a private buffer instead
+                _unlink_quietly(path)
+                log.warning("cannot place preloaded images in %s (%s): keeping them in the main process", _SHM_DIR, exc)
+        if self.path is None:
+            array = np.empty(total, dtype=np.uint8)
+            for c, start in zip(chunks, self.offsets[:-1]):
+                array[start:start + len(c)] = np.frombuffer(c, dtype=np.uint8)
+            self._array = array
+
+    @staticmethod
+    def _shm_usable(total: int) -> bool:
+        try:
+            import shutil
+
+            return os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK) and shutil.disk_usage(_SHM_DIR).free > 2 * total
+        except OSError:
+            return False
+
+    @property
+    def shared(self) -> bool:
+        return self.path is not None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.nbytes,))
+        return self._array
+
+    def view(self, index: int) -> np.ndarray:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return np.frombuffer(self.array, dtype=np.uint8, count=end - start, offset=start)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.view(index).tobytes()
+
+    def __getstate__(self) -> dict:
+        if self.path is None:
+            return {"path": None, "offsets": self.offsets, "_array": self._array}
+        return {"path": self.path, "offsets": self.offsets, "_array": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self.offsets, self._array = state["path"], state["offsets"], state["_array"]
+
+
+def _unlink_if_owner(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        _unlink_quietly(path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class SampleSource:
     """Indexable view of one split: bytes, size and labels per sample."""
 
@@ -45,7 +178,9 @@ class SampleSource:
         self.samples = list(samples)
         self.split = split
         self.sizes = [read_image_size(s.path) for s in self.samples]
-        self._bytes: list[bytes] | None = None
+        self._bytes: SharedBytes | None = None
+        self._decoded: list[np.ndarray] | None = None
+        self._decoded_reduction: list[int] | None = None
         if preload:
             self.preload()
 
@@ -53,20 +188,42 @@ class SampleSource:
         return len(self.samples)
 
     @property
+    def directory(self) -> Path | None:
+        return self.samples[0].path.parent if self.samples else None
+
+    @property
     def preloaded(self) -> bool:
         return self._bytes is not None
 
-    def preload(self) -> None:
+    @property
+    def preloaded_bytes(self) -> int:
+        return self._bytes.nbytes if self._bytes is not None else 0
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(a.nbytes for a in self._decoded) if self._decoded is not None else 0
+
+    def file_bytes(self) -> int:
+        """Sum of the split's file sizes (what preloading will hold)."""
+        total = 0
+        for s in self.samples:
+            try:
+                total += s.path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def preload(self, shared: bool = True) -> None:
+        """Read every image's encoded bytes into RAM (one shared buffer), with a progress bar."""
         if self._bytes is not None or not self.samples:
             return
-        directory = self.samples[0].path.parent
-        log.info("Preloading images from %s into RAM...", directory)
+        log.info("Preloading images from %s into RAM...", self.directory)
         loaded = [_read_bytes(s.path) for s in tqdm(self.samples, desc=f"Preloading {self.split}", unit="img", leave=False)]
-        self._bytes = loaded
-        total_mb = sum(len(b) for b in loaded) / 2**20
+        self._bytes = SharedBytes(loaded, shared=shared)
         log.info(
-            "Preloaded %d/%d images into RAM (%.1f%%, %.1f MB)",
-            len(loaded), len(self.samples), 100.0 * len(loaded) / len(self.samples), total_mb,
+            "Preloaded %d/%d images into RAM (%.1f%%), %.1f MB%s",
+            len(loaded), len(self.samples), 100.0 * len(loaded) / len(self.samples), self._bytes.nbytes / 2**20,
+            " (in /dev/shm, mapped by every loader process)" if self._bytes.shared else "",
         )
 
     def encoded(self, index: int) -> bytes:
@@ -75,7 +232,59 @@ class SampleSource:
         return _read_bytes(self.samples[index].path)
 
     def encoded_array(self, index: int) -> np.ndarray:
+        if self._bytes is not None:
+            return self._bytes.view(index)
         return np.frombuffer(self.encoded(index), dtype=np.uint8)
+
+    # ----------------------------------------------------------------- decoded arrays
+
+    @property
+    def has_decoded(self) -> bool:
+        return self._decoded is not None
+
+    def decoded(self, index: int) -> tuple[np.ndarray, int] | None:
+        """(RGB uint8 image decoded at 1/reduction size, reduction), or None when the
+        split was not preloaded decoded."""
+        if self._decoded is None:
+            return None
+        return self._decoded[index], self._decoded_reduction[index]
+
+    def preload_decoded(self, reduction: Callable[[int, np.ndarray], int]) -> None:
+        """Decode every image once and keep the RGB arrays (CPU backend).
+
+        ``reduction(index, encoded)`` is the JPEG DCT reduction (1, 2, 4, 8) to decode
+        image ``index`` at: the largest one that still leaves the resolution every
+        geometry of the split needs (so rendering from the array is what rendering from
+        the bytes would be for eval, and never upsamples in training)."""
+        if self._decoded is not None or not self.samples:
+            return
+        from ocr.data.transforms import decode_rgb
+
+        log.info("Preloading decoded images from %s into RAM...", self.directory)
+        arrays, reductions = [], []
+        for i in tqdm(range(len(self.samples)), desc=f"Decoding {self.split}", unit="img", leave=False):
+            encoded = self.encoded_array(i)
+            r = reduction(i, encoded)
+            image = decode_rgb(encoded, r, str(self.samples[i].path))
+            height, width = self.sizes[i]
+            expected = (-(-height // r), -(-width // r))
+            if image.shape[:2] != expected:
+                raise ImageReadError(f"{self.samples[i].path}: decoded size {image.shape[1]}x{image.shape[0]} does not "
+                                     f"match the header size {width}x{height} (reduction {r})")
+            arrays.append(image)
+            reductions.append(r)
+        self._decoded, self._decoded_reduction = arrays, reductions
+        log.info("Preloaded %d/%d decoded images into RAM (%.1f%%), %.1f MB", len(arrays), len(self.samples),
+                 100.0 * len(arrays) / len(self.samples), self.decoded_bytes / 2**20)
+
+    def decoded_estimate(self, reduction_of: Callable[[int], int]) -> int:
+        """Bytes :meth:`preload_decoded` will hold, from the header sizes and the
+        reduction ``reduction_of(index)`` each image is expected to be decoded at."""
+        total = 0
+        for i, (h, w) in enumerate(self.sizes):
+            r = reduction_of(i)
+            total += (-(-h // r)) * (-(-w // r)) * 3
+        return total
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -1,4 +1,4 @@
-"""Callbacks: per-epoch timing and throughput, and the run summary JSON."""
+"""Callbacks: per-epoch timing and throughput, cache statistics, and the run summary JSON."""
 
 from __future__ import annotations
 
@@ -60,6 +60,10 @@ class EpochTimer(L.Callback):
         self._train: _PhaseClock | None = None
         self._val: _PhaseClock | None = None
         self._current: dict = {}
+
+    def annotate(self, **values) -> None:
+        """Add values to the current epoch's record (e.g. cache statistics)."""
+        self._current.update(values)
 
     # training
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -164,6 +168,7 @@ class RunSummary(L.Callback):
             "epochs": epochs,
             "final_metrics": final,
             "mean_train_img_s": _mean([e.get("train_img_s") for e in epochs]),
+            "memory": peak_memory(pl_module.device),
             **self.extra,
         }
 
@@ -185,6 +190,56 @@ class RunSummary(L.Callback):
         self.status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         self.extra["error"] = f"{type(exception).__name__}: {exception}"
         self.write(pl_module)
+
+
+class CacheStatistics(L.Callback):
+    """Puts the datamodule's cache statistics (``datamodule.cache_stats()``) into the run
+    summary (``cache``) and the validation hits/misses of each epoch into its record."""
+
+    def __init__(self, datamodule, summary: RunSummary, timer: EpochTimer):
+        self.datamodule = datamodule
+        self.summary = summary
+        self.timer = timer
+
+    def _update(self) -> dict:
+        stats = self.datamodule.cache_stats()
+        self.summary.extra["cache"] = stats
+        return stats
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        stats = self._update()
+        passes = stats.get("val", {}).get("tensors", {}).get("passes") or []
+        if passes and passes[-1]["epoch"] == trainer.current_epoch:
+            last = passes[-1]
+            self.timer.annotate(val_cache_action=last["action"], val_cache_hits=last["hits"],
+                                val_cache_misses=last["misses"], val_cache_hit_rate=last["hit_rate"])
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._update()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._update()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._update()
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process and of its largest child (loader workers),
+    and the peak CUDA memory allocated by torch on ``device``."""
+    import resource
+
+    kb = 1024 / 2**30  # ru_maxrss is in KiB on Linux
+    out = {
+        "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb, 3),
+        "peak_child_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb, 3),
+        "peak_gpu_allocated_gb": None,
+    }
+    if device.type == "cuda":
+        out["peak_gpu_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
 
 
 def _mean(values) -> float | None:

@@ -83,11 +83,12 @@ class DBNetModule(L.LightningModule):
         return merged
 
     def _eval_epoch_end(self, split: str) -> None:
-        evaluator = self._gathered(self.evaluators[split])
-        self.evaluators[split].reset()
+        evaluator = self._gathered(self.evaluators[split])  # the same object without DDP: reset after compute
         if len(evaluator) == 0:
+            self.evaluators[split].reset()
             return
         metrics = evaluator.compute()
+        self.evaluators[split].reset()
         self.last_metrics[split] = metrics
         # Identical on every rank after the gather: no further reduction needed.
         self.log(f"{split}/hmean", metrics["cleval"]["hmean"], prog_bar=True)

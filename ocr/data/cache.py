@@ -1,0 +1,808 @@
+"""The batch cache of evaluation splits: the first complete pass over a split records
+the Batches the loader produced (images, DB targets, metadata) and later passes replay
+them without touching the loader.
+
+It lives in the main process: :class:`CachedLoader` wraps the split's loader (what the
+trainer iterates), so there is one cache per split, never one per DataLoader worker.
+
+Recording. Each batch of the recording pass is completed before it is stored: moved to
+the model's device and given its DB targets when the backend deferred them
+(``ocr.data.batch.needs_targets`` / ``attach_targets``), so a replayed batch costs only
+the forward pass. A pass is recorded only when it is complete: it must deliver the
+number of batches the key was built for (the trainer's ``limit_*_batches`` applied to
+the loader's length). Sanity-check passes and passes abandoned half way are not
+recorded (a half cache never replays as complete).
+
+Stores (see ``ocr.data.memory``): ``gpu`` keeps the device batches (replay: no copy at
+all), ``pinned``/``host`` keeps a host copy (page-locked when CUDA is usable), ``disk``
+writes one file per batch into an entry directory under
+``<cache_dir>/tensors/<split>-<key>/`` that later runs and other processes reuse. Disk
+entries are written into a temporary directory and renamed into place (atomic: a reader
+sees no entry or a complete one), every file's SHA-256 is in the entry's manifest and is
+verified when a process first opens the entry; a corrupt entry is reported with one
+warning and rebuilt. Files hold tensors only (``torch.load(weights_only=True)``).
+
+Keys (``ocr.data.cache_key``): the dataset content fingerprint, the annotation file's
+hash, every transform parameter, the target parameters, the loader settings that change
+the output (backend, device, target mode, batch size, order, number of batches,
+libraries) and the cache format version. A changed key means a rebuild, announced with
+one line saying which components changed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ocr.data.batch import attach_targets, batch_to, needs_targets
+from ocr.data.cache_key import FORMAT_VERSION, CacheKey, bytes_sha256, file_sha256
+from ocr.data.memory import StoreDecision, gb
+
+log = logging.getLogger(__name__)
+
+TENSORS, MAPS = "tensors", "maps"
+KINDS = (TENSORS, MAPS)
+MANIFEST = "manifest.json"
+LAST_USED = "last_used"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+LOW_HIT_RATE = 0.8
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+class CacheEntryError(CacheError):
+    """A disk entry is missing files, unreadable or fails its checksum."""
+
+
+# =============================================================================== disk entries
+
+
+def entry_path(cache_dir: str | os.PathLike, key: CacheKey) -> Path:
+    return Path(cache_dir) / key.kind / f"{key.split}-{key.short}"
+
+
+class EntryWriter:
+    """Writes an entry into a temporary directory beside its final place, then renames
+    it into place: readers see either no entry or a complete one."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self.final.name}-{os.getpid()}-", dir=self.final.parent))
+        self.files: dict[str, dict] = {}
+        self.done = False
+
+    def add(self, name: str, data: bytes) -> None:
+        (self.tmp / name).write_bytes(data)
+        self.files[name] = {"sha256": bytes_sha256(data), "bytes": len(data)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
+    def commit(self, manifest: dict) -> bool:
+        """Publish the entry; False when another process published the same key first
+        (its entry is then used and ours discarded)."""
+        now = time.time()
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "files": self.files, "bytes": self.nbytes,
+                    "created_unix": now, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
+                    "writer_pid": os.getpid()}
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        (self.tmp / LAST_USED).touch()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; an entry is as shared as its cache dir
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:
+            if (self.final / MANIFEST).is_file():
+                self.abort()
+                return False
+            raise
+        self.done = True
+        return True
+
+    def abort(self) -> None:
+        if not self.done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.done = True
+
+
+def read_manifest(entry: Path) -> dict:
+    try:
+        manifest = json.loads((Path(entry) / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CacheEntryError(f"{entry}: no {MANIFEST}") from exc
+    except (OSError, ValueError) as exc:
+        raise CacheEntryError(f"{entry}: unreadable {MANIFEST} ({exc})") from exc
+    for field_name in ("kind", "key", "components", "files"):
+        if field_name not in manifest:
+            raise CacheEntryError(f"{entry}: {MANIFEST} has no {field_name!r}")
+    return manifest
+
+
+def verify_entry(entry: Path, manifest: dict, checksums: bool = True) -> list[str]:
+    """Problems of an entry's files: missing, wrong size, (``checksums``) wrong SHA-256."""
+    problems = []
+    for name, meta in manifest["files"].items():
+        path = Path(entry) / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{name}: missing")
+            continue
+        if size != meta["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {meta['bytes']}")
+        elif checksums and file_sha256(path) != meta["sha256"]:
+            problems.append(f"{name}: checksum mismatch")
+    return problems
+
+
+def read_file_verified(entry: Path, name: str, manifest: dict) -> bytes:
+    meta = manifest["files"].get(name)
+    if meta is None:
+        raise CacheEntryError(f"{entry}: {name} is not in the manifest")
+    try:
+        data = (Path(entry) / name).read_bytes()
+    except OSError as exc:
+        raise CacheEntryError(f"{entry}: cannot read {name} ({exc.strerror or exc})") from exc
+    if len(data) != meta["bytes"] or bytes_sha256(data) != meta["sha256"]:
+        raise CacheEntryError(f"{entry}: {name} fails its checksum")
+    return data
+
+
+def touch_last_used(entry: Path) -> None:
+    try:
+        (Path(entry) / LAST_USED).touch()
+    except OSError:
+        pass
+
+
+def last_used(entry: Path) -> float:
+    for name in (LAST_USED, MANIFEST):
+        try:
+            return (Path(entry) / name).stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def tree_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file() or path.is_symlink():
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_tree(path: Path) -> int:
+    """Delete a file or directory; returns the bytes freed. A directory is first renamed
+    aside so that a half-deleted entry is never mistaken for an entry."""
+    path = Path(path)
+    size = tree_size(path)
+    if path.is_dir() and not path.is_symlink():
+        aside = path.parent / f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(path, aside)
+        except OSError:
+            aside = path
+        shutil.rmtree(aside)
+    else:
+        path.unlink()
+    return size
+
+
+@dataclass
+class EntryInfo:
+    path: Path
+    kind: str
+    manifest: dict | None  # None: unreadable
+    error: str | None = None
+
+    @property
+    def split(self) -> str:
+        return (self.manifest or {}).get("split", self.path.name.split("-", 1)[0])
+
+    @property
+    def key(self) -> str:
+        return (self.manifest or {}).get("key", "")
+
+
+def scan_cache(cache_dir: str | os.PathLike) -> tuple[list[EntryInfo], list[Path]]:
+    """Entries under ``cache_dir/<kind>/`` and everything else found there (temporary
+    directories of interrupted writes, half-deleted entries, stray files)."""
+    root = Path(cache_dir)
+    entries: list[EntryInfo] = []
+    others: list[Path] = []
+    if not root.is_dir():
+        return entries, others
+    for child in sorted(root.iterdir()):
+        if child.name not in KINDS or not child.is_dir():
+            others.append(child)
+            continue
+        for item in sorted(child.iterdir()):
+            if item.name.startswith((TMP_PREFIX, TRASH_PREFIX)) or not item.is_dir():
+                others.append(item)
+                continue
+            try:
+                entries.append(EntryInfo(item, child.name, read_manifest(item)))
+            except CacheEntryError as exc:
+                entries.append(EntryInfo(item, child.name, None, str(exc)))
+    return entries, others
+
+
+def previous_entry(cache_dir: str | os.PathLike, key: CacheKey) -> EntryInfo | None:
+    """The most recently used readable entry of the same kind and split (to say why a
+    new key does not match it)."""
+    folder = Path(cache_dir) / key.kind
+    if not folder.is_dir():
+        return None
+    best, best_t = None, -1.0
+    for item in folder.iterdir():
+        if not item.is_dir() or item.name.startswith((TMP_PREFIX, TRASH_PREFIX)) or not item.name.startswith(f"{key.split}-"):
+            continue
+        try:
+            manifest = read_manifest(item)
+        except CacheEntryError:
+            continue
+        t = last_used(item)
+        if t > best_t:
+            best, best_t = EntryInfo(item, key.kind, manifest), t
+    return best
+
+
+def rebuild_reason(cache_dir: str | os.PathLike, key: CacheKey) -> str:
+    prev = previous_entry(cache_dir, key)
+    if prev is None:
+        return "no earlier entry"
+    try:
+        reasons = key.changes_since(CacheKey.from_manifest(prev.manifest))
+    except (KeyError, TypeError):
+        reasons = []
+    return (", ".join(reasons) or "key changed") + f" since {prev.path.name}"
+
+
+# ============================================================================ batch (de)serialisation
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+def _is_nested(v: Any, leaf: Callable[[Any], bool]) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, (list, tuple)) and all(leaf(y) for y in x) for x in v)
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+def pack_batch(batch: dict) -> dict:
+    """A Batch as a dict of CPU tensors and plain lists (loadable with ``weights_only``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().to("cpu").contiguous()
+            meta[key] = {"type": "tensor"}
+        elif _is_str_list(value):
+            meta[key] = {"type": "str_list", "values": list(value)}
+        elif _is_nested(value, _is_bool):
+            meta[key] = {"type": "bool_lists", "values": [[bool(y) for y in x] for x in value]}
+        elif _is_nested(value, lambda y: isinstance(y, np.ndarray)):
+            arrays = [a for x in value for a in x]
+            dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+            if any(a.dtype != dtype for a in arrays):
+                raise CacheError(f"batch key {key!r}: arrays of mixed dtypes cannot be stored")
+            flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype=dtype)
+            tensors[f"{key}.data"] = torch.from_numpy(np.ascontiguousarray(flat))
+            meta[key] = {"type": "array_lists", "counts": [len(x) for x in value], "dtype": dtype.str,
+                         "shapes": [list(a.shape) for a in arrays]}
+        else:
+            raise CacheError(f"batch key {key!r} ({type(value).__name__}) cannot be stored on disk")
+    return {"tensors": tensors, "meta": meta, "order": list(batch)}
+
+
+def unpack_batch(packed: dict) -> dict:
+    tensors, meta = packed["tensors"], packed["meta"]
+    out = {}
+    for key in packed["order"]:
+        m = meta[key]
+        if m["type"] == "tensor":
+            out[key] = tensors[key]
+        elif m["type"] == "str_list":
+            out[key] = list(m["values"])
+        elif m["type"] == "bool_lists":
+            out[key] = [list(x) for x in m["values"]]
+        elif m["type"] == "array_lists":
+            flat = tensors[f"{key}.data"].numpy()
+            dtype = np.dtype(m["dtype"])
+            arrays, pos = [], 0
+            for shape in m["shapes"]:
+                n = int(np.prod(shape)) if shape else 1
+                arrays.append(flat[pos:pos + n].astype(dtype, copy=True).reshape(shape))
+                pos += n
+            lists, i = [], 0
+            for c in m["counts"]:
+                lists.append(arrays[i:i + c])
+                i += c
+            out[key] = lists
+        else:
+            raise CacheEntryError(f"unknown stored type {m['type']!r} for {key!r}")
+    return out
+
+
+def serialize_batch(batch: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(pack_batch(batch), buf)
+    return buf.getvalue()
+
+
+def deserialize_batch(data: bytes) -> dict:
+    try:
+        packed = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return unpack_batch(packed)
+    except CacheEntryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is a corrupt entry
+        raise CacheEntryError(f"cannot decode a stored batch ({type(exc).__name__}: {exc})") from exc
+
+
+def batch_nbytes(batch: dict) -> int:
+    total = 0
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, (list, tuple)):
+            for x in value:
+                if isinstance(x, (list, tuple)):
+                    total += sum(a.nbytes for a in x if isinstance(a, np.ndarray)) + 8 * len(x)
+                elif isinstance(x, str):
+                    total += len(x)
+    return total
+
+
+def estimate_batches_bytes(num_samples: int, image_size: int, num_points: int = 0, channels: int = 3,
+                           target_maps: int = 4) -> int:
+    """Bytes of ``num_samples`` complete samples: float32 image + DB target maps at
+    ``image_size``, matrices and sizes, polygons in two coordinate systems."""
+    per_sample = image_size * image_size * 4 * (channels + target_maps) + 9 * 8 + 2 * 8
+    return num_samples * per_sample + num_points * 2 * 4 * 2
+
+
+# ====================================================================================== stores
+
+
+def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    if pin:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t)
+        return out
+    if t.device.type == "cpu" and not t.is_shared():
+        return t  # a plain tensor the loader made for us: keep it (no copy)
+    return t.to("cpu", copy=True)  # device or shared-memory (worker) tensor: a private copy
+
+
+class _MemoryEntry:
+    def __init__(self, store: str):
+        self.store = store  # gpu | pinned | host
+        self.batches: list[dict] = []
+        self.nbytes = 0
+        self.exhausted = False  # the loader ended before the expected number of batches
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches)
+
+    def put(self, batch: dict) -> None:
+        if self.store == "gpu":
+            stored = dict(batch)  # the device tensors themselves: replay costs nothing
+        else:
+            pin = self.store == "pinned"
+            try:
+                stored = {k: (_host_copy(v, pin) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            except RuntimeError as exc:  # page-locking can fail (limits): pageable memory still works
+                if not pin:
+                    raise
+                log.warning("tensor cache: cannot page-lock host memory (%s); using pageable host memory", exc)
+                self.store = "host"
+                stored = {k: (_host_copy(v, False) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        self.batches.append(stored)
+        self.nbytes += batch_nbytes(stored)
+
+    def get(self, index: int) -> dict:
+        return dict(self.batches[index])
+
+    def close(self) -> None:
+        self.batches = []
+
+
+class _DiskEntryWriter:
+    def __init__(self, final: Path):
+        self.writer = EntryWriter(final)
+        self.names: list[list[str]] = []
+
+    @property
+    def nbytes(self) -> int:
+        return self.writer.nbytes
+
+    def put(self, index: int, batch: dict) -> None:
+        self.writer.add(f"batch_{index:05d}.pt", serialize_batch(batch))
+        self.names.append(list(batch.get("names", [])))
+
+
+class _DiskEntry:
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self.store = "disk"
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.manifest["num_batches"])
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.manifest.get("exhausted", False))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.manifest.get("bytes", 0))
+
+    def get(self, index: int) -> dict:
+        # checksums were verified when the entry was opened; a file that vanished or
+        # no longer decodes since is a CacheEntryError
+        try:
+            data = (self.path / f"batch_{index:05d}.pt").read_bytes()
+        except OSError as exc:
+            raise CacheEntryError(f"{self.path}: cannot read batch {index} ({exc.strerror or exc})") from exc
+        if len(data) != self.manifest["files"][f"batch_{index:05d}.pt"]["bytes"]:
+            raise CacheEntryError(f"{self.path}: batch {index} changed size since it was written")
+        return deserialize_batch(data)
+
+    def close(self) -> None:
+        pass
+
+
+# ====================================================================================== stats
+
+
+@dataclass
+class _Pass:
+    epoch: int | None
+    action: str  # replay | record | miss
+    hits: int = 0
+    misses: int = 0
+
+    def to_dict(self) -> dict:
+        total = self.hits + self.misses
+        return {"epoch": self.epoch, "action": self.action, "hits": self.hits, "misses": self.misses,
+                "hit_rate": round(self.hits / total, 4) if total else None}
+
+
+@dataclass
+class CacheStats:
+    """Hits and misses in samples (a replayed batch of 8 is 8 hits)."""
+
+    split: str
+    log_every: int = 100
+    hits: int = 0
+    misses: int = 0
+    passes: list[_Pass] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def start_pass(self, epoch: int | None, action: str) -> None:
+        self.passes.append(_Pass(epoch, action))
+
+    def record(self, hit: bool, n: int) -> None:
+        before = self.hits + self.misses
+        if hit:
+            self.hits += n
+            self.passes[-1].hits += n
+        else:
+            self.misses += n
+            self.passes[-1].misses += n
+        after = before + n
+        if self.log_every > 0 and after // self.log_every > before // self.log_every:
+            log.info("Cache Statistics - Hits: %d, Misses: %d, Hit Rate: %.1f%% (%s, run total after %d accesses)",
+                     self.hits, self.misses, 100 * self.hit_rate, self.split, after)
+
+    def end_pass(self, store: str) -> None:
+        p = self.passes[-1]
+        total = p.hits + p.misses
+        rate = p.hits / total if total else 0.0
+        when = f"epoch {p.epoch}" if p.epoch is not None else f"pass {len(self.passes) - 1}"
+        log.info("Cache Statistics - Hits: %d, Misses: %d, Hit Rate: %.1f%% (%s %s: %s; run total %d/%d, %.1f%%)",
+                 p.hits, p.misses, 100 * rate, self.split, when,
+                 {"replay": f"replayed from {store}", "record": f"recorded into {store}", "miss": "not cached"}[p.action],
+                 self.hits, self.hits + self.misses, 100 * self.hit_rate)
+        if len(self.passes) > 1 and rate < LOW_HIT_RATE:
+            log.warning("Low cache hit rate for the %s split: %.1f%% in %s (expected >= %.0f%% after the first epoch): "
+                        "the batch cache is not being replayed (see the lines above for why)",
+                        self.split, 100 * rate, when, 100 * LOW_HIT_RATE)
+
+    def to_dict(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": round(self.hit_rate, 4),
+                "passes": [p.to_dict() for p in self.passes]}
+
+
+# ================================================================================ the cache
+
+
+class BatchCache:
+    """Records and replays the Batches of one evaluation split (see the module doc)."""
+
+    def __init__(self, split: str, key: CacheKey, decision: StoreDecision, num_batches: int, device: torch.device,
+                 cache_dir: str | os.PathLike, target_kwargs: dict, log_every: int = 100,
+                 rekey: Callable[[], CacheKey] | None = None):
+        self.split = split
+        self.key = key
+        self.decision = decision
+        self.store = decision.store  # gpu | pinned | host | disk | off
+        self.num_batches = int(num_batches)
+        self.device = torch.device(device)
+        self.cache_dir = Path(cache_dir)
+        self.target_kwargs = dict(target_kwargs)
+        self.rekey = rekey
+        self.stats = CacheStats(split, log_every)
+        self.entry: _MemoryEntry | _DiskEntry | None = None
+        self.rebuilds: list[str] = []
+        self._warned_read = False
+        if self.store == "disk":
+            self._open_disk_entry(first=True)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def enabled(self) -> bool:
+        return self.store != "off"
+
+    @property
+    def ready(self) -> bool:
+        return self.entry is not None
+
+    def to_dict(self) -> dict:
+        return {
+            "store": self.store,
+            "requested_store": self.decision.requested,
+            "store_reason": self.decision.reason,
+            "estimated_bytes": int(self.decision.estimate),
+            "stored_bytes": int(self.entry.nbytes) if self.entry is not None else 0,
+            "num_batches": self.num_batches,
+            "key": self.key.short,
+            "entry": str(entry_path(self.cache_dir, self.key)) if self.store == "disk" else None,
+            "ready": self.ready,
+            "rebuilds": list(self.rebuilds),
+            **self.stats.to_dict(),
+        }
+
+    def iterate(self, loader, num_batches: int, counted: bool = True, epoch: int | None = None) -> Iterator[dict]:
+        """One pass over the split: ``num_batches`` batches (the trainer's limit), replayed
+        when a complete recording exists, else from ``loader`` (and recorded when this
+        pass is a complete, counted one). Uncounted passes (sanity checks) are never recorded."""
+        if counted:
+            self._check_key()
+        entry = self.entry
+        if entry is not None and (entry.num_batches >= num_batches or entry.exhausted):
+            return self._replay(loader, entry, min(num_batches, entry.num_batches), counted, epoch)
+        return self._from_loader(loader, num_batches, counted, epoch)
+
+    def close(self) -> None:
+        if self.entry is not None:
+            self.entry.close()
+        self.entry = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_key(self) -> None:
+        """Rebuild when what the key covers changed since the cache was filled (files
+        edited during a run that reads them from disk)."""
+        if self.rekey is None:
+            return
+        new = self.rekey()
+        if new.hexdigest == self.key.hexdigest:
+            return
+        why = ", ".join(new.changes_since(self.key)) or "key changed"
+        log.info("Rebuilding the %s tensor cache: %s", self.split, why)
+        self.rebuilds.append(why)
+        self.key = new
+        self.close()
+        if self.store == "disk":
+            self._open_disk_entry(first=False)
+
+    def _open_disk_entry(self, first: bool) -> None:
+        path = entry_path(self.cache_dir, self.key)
+        if (path / MANIFEST).is_file():
+            try:
+                manifest = read_manifest(path)
+                if manifest.get("key") != self.key.hexdigest:
+                    raise CacheEntryError(f"{path}: manifest key {manifest.get('key', '')[:16]} does not match the directory")
+                problems = verify_entry(path, manifest, checksums=True)
+                if problems:
+                    raise CacheEntryError(f"{path}: " + "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+            except CacheEntryError as exc:
+                log.warning("Tensor cache entry is corrupt, rebuilding it: %s", exc)
+                self.rebuilds.append(f"corrupt entry: {exc}")
+                try:
+                    remove_tree(path)
+                except OSError:
+                    pass
+                return
+            self.entry = _DiskEntry(path, manifest)
+            touch_last_used(path)
+            log.info("%s tensor cache: entry %s verified (%d batches, %s), replaying it", self.split, path,
+                     self.entry.num_batches, gb(self.entry.nbytes))
+            return
+        why = rebuild_reason(self.cache_dir, self.key)
+        if first:
+            log.info("%s tensor cache: building %s (%s)", self.split, path, why)
+        if why != "no earlier entry":
+            self.rebuilds.append(why)
+
+    def _complete(self, batch: dict) -> dict:
+        """What the model will see: on its device, with targets."""
+        if self.device.type == "cuda":
+            batch = batch_to(batch, self.device, non_blocking=True)
+        if needs_targets(batch):
+            attach_targets(batch, self.target_kwargs)
+        return batch
+
+    def _replay(self, loader, entry, n: int, counted: bool, epoch: int | None) -> Iterator[dict]:
+        if counted:
+            self.stats.start_pass(epoch, "replay")
+        if isinstance(entry, _DiskEntry):
+            touch_last_used(entry.path)
+        for i in range(n):
+            try:
+                batch = entry.get(i)
+            except CacheEntryError as exc:
+                log.warning("Tensor cache entry became unreadable, rebuilding it: %s", exc)
+                self.rebuilds.append(f"unreadable entry: {exc}")
+                self.close()
+                if isinstance(entry, _DiskEntry):
+                    try:
+                        remove_tree(entry.path)
+                    except OSError:
+                        pass
+                yield from self._rest_from_loader(loader, i, n, counted)
+                return
+            if counted:
+                self.stats.record(True, int(batch["images"].shape[0]))
+                if i == n - 1:
+                    self.stats.end_pass(entry.store)
+            yield batch
+
+    def _rest_from_loader(self, loader, start: int, n: int, counted: bool) -> Iterator[dict]:
+        """Batches start..n-1 from the loader (the replay broke off): correct, not recorded."""
+        it = iter(loader)
+        for i in range(n):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            if i < start:
+                continue
+            if counted:
+                self.stats.record(False, int(batch["images"].shape[0]))
+            yield batch
+        if counted:
+            self.stats.end_pass(self.store)
+
+    def _begin_recording(self):
+        if self.store == "disk":
+            return _DiskEntryWriter(entry_path(self.cache_dir, self.key))
+        return _MemoryEntry(self.store)
+
+    def _commit(self, recording, count: int, exhausted: bool) -> None:
+        if isinstance(recording, _DiskEntryWriter):
+            manifest = {**self.key.to_manifest(), "num_batches": count, "exhausted": exhausted,
+                        "num_samples": sum(len(n) for n in recording.names), "names": recording.names}
+            if recording.writer.commit(manifest):
+                log.info("%s tensor cache: wrote %s (%d batches, %s)", self.split, recording.writer.final, count,
+                         gb(recording.nbytes))
+            path = recording.writer.final
+            try:
+                self.entry = _DiskEntry(path, read_manifest(path))
+            except CacheEntryError as exc:
+                log.warning("Tensor cache entry could not be reopened after writing it: %s", exc)
+            return
+        recording.exhausted = exhausted
+        self.entry = recording
+        log.info("%s tensor cache: recorded %d batches into %s memory (%s)", self.split, count, recording.store,
+                 gb(recording.nbytes))
+
+    def _from_loader(self, loader, n: int, counted: bool, epoch: int | None) -> Iterator[dict]:
+        record = counted and self.enabled and n == self.num_batches
+        if counted:
+            self.stats.start_pass(epoch, "record" if record else "miss")
+        recording = self._begin_recording() if record else None
+        committed = False
+        count = 0
+        try:
+            it = iter(loader)
+            while count < n:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                if record:
+                    batch = self._complete(batch)
+                    recording.put(count, batch) if isinstance(recording, _DiskEntryWriter) else recording.put(batch)
+                count += 1
+                if counted:
+                    self.stats.record(False, int(batch["images"].shape[0]))
+                if count == n:
+                    if record:
+                        self._commit(recording, count, exhausted=False)
+                        committed = True
+                    if counted:
+                        self.stats.end_pass(self.store if record else "loader")
+                yield batch
+            if count < n and count > 0:
+                # the loader ended early: that is the whole pass
+                if record:
+                    self._commit(recording, count, exhausted=True)
+                    committed = True
+                if counted:
+                    self.stats.end_pass(self.store if record else "loader")
+        finally:
+            if recording is not None and not committed and isinstance(recording, _DiskEntryWriter):
+                recording.writer.abort()
+
+
+class CachedLoader:
+    """The iterable the trainer gets for a cached evaluation split: ``len()`` of the
+    loader, and passes served by :class:`BatchCache`. ``pass_info(length)`` returns
+    ``(batches this pass will take, counted, epoch)`` -- the trainer's limits applied,
+    counted False for sanity-check passes."""
+
+    def __init__(self, loader, cache: BatchCache, pass_info: Callable[[int], tuple[int, bool, int | None]]):
+        self.loader = loader
+        self.cache = cache
+        self.pass_info = pass_info
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        n, counted, epoch = self.pass_info(len(self.loader))
+        return self.cache.iterate(self.loader, n, counted, epoch)
+
+
+def num_batches_for(length: int, limit: int | float) -> int:
+    """Batches the trainer takes from a loader of ``length`` under ``limit_*_batches``
+    (Lightning's rule: an int is a count, a float a fraction)."""
+    if isinstance(limit, bool):
+        raise TypeError("limit must be a number")
+    if isinstance(limit, int):
+        return min(length, limit)
+    if float(limit) == 1.0:
+        return length
+    return int(length * float(limit))
