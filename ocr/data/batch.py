@@ -1,5 +1,9 @@
 """The Batch contract (DESIGN.md) and the collate function of the CPU backend.
 
+Dataset items carry uint8 HWC canvases (4x less to move than float); the collate
+function normalises them into the batch tensor, so every backend hands the model the
+same normalised float images.
+
 A Batch is a plain dict:
   images        float [B,3,S,S] normalised RGB
   prob_maps, prob_masks, thresh_maps, thresh_masks   float [B,1,S,S] (when labelled)
@@ -16,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ocr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_into
+
 TARGET_KEYS = ("prob_maps", "prob_masks", "thresh_maps", "thresh_masks")
 # make_db_targets* return singular keys; the Batch uses plural ones.
 TARGET_KEY_OF = {"prob_map": "prob_maps", "prob_mask": "prob_masks", "thresh_map": "thresh_maps", "thresh_mask": "thresh_masks"}
@@ -23,10 +29,39 @@ TENSOR_KEYS = ("images", "matrices", "orig_sizes") + TARGET_KEYS
 LIST_KEYS = ("polygons", "net_polygons", "ignore", "names")
 
 
-def collate_samples(samples: list[dict]) -> dict:
-    """Samples from ``ValidatedOCRDataset`` -> Batch (on the CPU)."""
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A fresh CPU tensor; in a DataLoader worker process, directly in shared memory (as
+    ``default_collate`` does), so sending it to the main process copies nothing."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).set_(storage.untyped(), 0, shape)
+
+
+def stack_images(images: list[np.ndarray], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Items' images -> float ``[B,3,H,W]``: uint8 HWC canvases are normalised (one pass
+    each, into the batch tensor); float CHW arrays (already normalised) are stacked."""
+    first = images[0]
+    if first.dtype == np.uint8 and first.ndim == 3 and first.shape[-1] == 3:
+        h, w = first.shape[:2]
+        out = _empty((len(images), 3, h, w), torch.float32)
+        for k, image in enumerate(images):
+            normalize_into(out[k], image, mean, std)
+        return out
+    out = _empty((len(images), *first.shape), torch.float32)
+    for k, image in enumerate(images):
+        out[k].copy_(torch.from_numpy(np.asarray(image)))
+    return out
+
+
+def collate_samples(samples: list[dict], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    """Samples from ``ValidatedOCRDataset`` -> Batch (on the CPU); ``mean``/``std`` normalise
+    uint8 canvases."""
     batch = {
-        "images": torch.from_numpy(np.stack([s["image"] for s in samples])),
+        "images": stack_images([s["image"] for s in samples], mean, std),
         "matrices": torch.from_numpy(np.stack([s["matrix"] for s in samples]).astype(np.float64)),
         "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
     }
@@ -44,8 +79,12 @@ def attach_targets(batch: dict, target_kwargs: dict) -> dict:
     from ocr.data.targets import make_db_targets_batch
 
     images = batch["images"]
-    maps = make_db_targets_batch(batch["net_polygons"], batch["ignore"], images.shape[-2], images.shape[-1],
-                                 device=images.device, **target_kwargs)
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    out = None
+    if images.device.type == "cpu":
+        out = {k: _empty((b, 1, h, w), torch.float32) for k in TARGET_KEY_OF}
+    maps = make_db_targets_batch(batch["net_polygons"], batch["ignore"], h, w, device=images.device, out=out,
+                                 **target_kwargs)
     batch.update({TARGET_KEY_OF[k]: v for k, v in maps.items()})
     return batch
 
@@ -55,14 +94,17 @@ def needs_targets(batch: dict) -> bool:
 
 
 class Collator:
-    """collate_samples, then (``vectorized``) the batch's targets in the same worker."""
+    """collate_samples (normalising with ``mean``/``std``), then (``vectorized``) the batch's
+    targets in the same worker."""
 
-    def __init__(self, target_mode: str, target_kwargs: dict):
+    def __init__(self, target_mode: str, target_kwargs: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.target_mode = target_mode
         self.target_kwargs = dict(target_kwargs)
+        self.mean = tuple(float(x) for x in mean)
+        self.std = tuple(float(x) for x in std)
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = collate_samples(samples)
+        batch = collate_samples(samples, self.mean, self.std)
         if self.target_mode == "vectorized" and needs_targets(batch):
             attach_targets(batch, self.target_kwargs)
         return batch

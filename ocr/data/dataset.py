@@ -1,7 +1,27 @@
 """The CPU backend: a torch Dataset over a SampleSource (OpenCV decode, NumPy geometry,
-reference DB targets) and its DataLoader."""
+DB targets) and its two loaders:
+
+* :class:`ThreadedLoader` (the default when training on the CPU): a pool of threads in the
+  training process, each building whole Batches. OpenCV, NumPy's large-array work and
+  torch release the GIL, so the threads run in parallel, and nothing crosses a process
+  boundary (a DataLoader worker hands every batch over through fresh shared memory, ~11 MB
+  per 640 px image with its targets: on the 2-core development machine the worker
+  processes spent ~45% more CPU time per image, benchmarks/loader_bench.py). Sample order
+  and random geometry come from ``(seed, epoch, index)`` (``ocr.data.sampling``), sharded
+  by rank like the DALI loader.
+* :func:`make_cpu_loader`: a ``torch.utils.data.DataLoader`` with worker processes (the
+  classic baseline; used when the model trains on a GPU).
+
+Items carry the uint8 HWC canvas; the collate function normalises the whole batch (see
+``ocr.data.batch``), so the Batch the model sees is the same float tensor either way.
+"""
 
 from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -9,25 +29,38 @@ from torch.utils.data import DataLoader, Dataset
 
 from ocr.data import geometry
 from ocr.data.batch import TARGET_KEY_OF, Collator
+from ocr.data.sampling import EpochPlan, EpochSampler, distributed_rank_world, sample_rng
 from ocr.data.source import SampleSource
 from ocr.data.targets import make_db_targets
-from ocr.data.transforms import TransformParams, normalize_chw, render_sample, sample_matrix
+from ocr.data.transforms import TransformParams, render_decoded, render_sample, sample_matrix
 
+log = logging.getLogger(__name__)
 
 TARGET_MODES = ("reference", "vectorized", "deferred")
 
 
-class ValidatedOCRDataset(Dataset):
-    """One split as samples: normalised image, M, polygons (original and network
-    pixels), ignore flags and, when ``with_targets``, the DB target maps.
+def transform_polygons(matrix: np.ndarray, polygons) -> list[np.ndarray]:
+    """``geometry.transform_points`` of every polygon, in one vectorised pass."""
+    if not polygons:
+        return []
+    lengths = [len(p) for p in polygons]
+    points = geometry.transform_points(matrix, np.concatenate([np.asarray(p).reshape(-1, 2) for p in polygons]))
+    return np.split(points, np.cumsum(lengths)[:-1])
 
-    Random augmentation draws from a generator seeded from the process's torch seed,
-    so ``seed_everything(..., workers=True)`` makes runs repeatable and every worker
-    (and every epoch of non-persistent workers) gets its own stream.
+
+class ValidatedOCRDataset(Dataset):
+    """One split as samples: the uint8 canvas (``image``, HWC RGB), M, polygons (original
+    and network pixels), ignore flags and, with ``target_mode="reference"``, the DB maps.
+
+    Random augmentation: with ``seed`` set, sample ``i`` of epoch ``e`` draws from
+    ``sample_rng(seed, e, i)`` (what the threaded loader and the DALI loader use); without
+    it, from a generator seeded from the process's torch seed, so
+    ``seed_everything(..., workers=True)`` makes DataLoader runs repeatable and every worker
+    gets its own stream.
     """
 
     def __init__(self, source: SampleSource, params: TransformParams, with_targets: bool = True,
-                 target_kwargs: dict | None = None, target_mode: str = "reference"):
+                 target_kwargs: dict | None = None, target_mode: str = "reference", seed: int | None = None):
         if target_mode not in TARGET_MODES:
             raise ValueError(f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}")
         self.source = source
@@ -37,11 +70,16 @@ class ValidatedOCRDataset(Dataset):
         # reference: per sample here; vectorized: per batch in the collate (same worker);
         # deferred: per batch on the model's device after the transfer.
         self.target_mode = target_mode
+        self.seed = seed
+        self.epoch = 0
         self._rng: np.random.Generator | None = None
         self._rng_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def _generator(self) -> np.random.Generator:
         seed = torch.initial_seed()
@@ -49,15 +87,33 @@ class ValidatedOCRDataset(Dataset):
             self._rng, self._rng_seed = np.random.default_rng(seed), seed
         return self._rng
 
-    def __getitem__(self, index: int) -> dict:
+    def sample_generator(self, index: int, epoch: int | None = None) -> np.random.Generator | None:
+        if not self.params.train:
+            return None
+        if self.seed is not None:
+            return sample_rng(self.seed, self.epoch if epoch is None else epoch, index)
+        return self._generator()
+
+    def _canvas(self, index: int, matrix: np.ndarray, rng) -> np.ndarray:
+        height, width = self.source.sizes[index]
+        decoded_of = getattr(self.source, "decoded", None)
+        decoded = decoded_of(index) if decoded_of is not None else None
+        if decoded is None:
+            return render_sample(self.params, self.source.encoded_array(index), matrix, height, width, rng,
+                                 str(self.source.samples[index].path))
+        image, reduction = decoded  # preloaded decoded arrays (SampleSource.preload_decoded)
+        return render_decoded(self.params, image, reduction, matrix, height, width, rng)
+
+    def get(self, index: int, epoch: int | None = None) -> dict:
+        """Item ``index`` (with ``seed`` set: as drawn in ``epoch``, default the current one)."""
         sample = self.source.samples[index]
         height, width = self.source.sizes[index]
-        rng = self._generator() if self.params.train else None
+        rng = self.sample_generator(index, epoch)
         matrix = sample_matrix(self.params, height, width, sample.polygons, sample.ignore, rng)
-        canvas = render_sample(self.params, self.source.encoded_array(index), matrix, height, width, rng, str(sample.path))
-        net_polygons = [geometry.transform_points(matrix, p) for p in sample.polygons]
+        canvas = self._canvas(index, matrix, rng)
+        net_polygons = transform_polygons(matrix, sample.polygons)
         item = {
-            "image": normalize_chw(canvas, self.params.mean, self.params.std),
+            "image": canvas,
             "matrix": matrix,
             "orig_size": (height, width),
             "polygons": list(sample.polygons),
@@ -71,18 +127,143 @@ class ValidatedOCRDataset(Dataset):
             item.update({TARGET_KEY_OF[k]: v for k, v in targets.items()})
         return item
 
+    def __getitem__(self, index: int) -> dict:
+        return self.get(index)
+
+    def collator(self) -> Collator:
+        mode = self.target_mode if self.with_targets else "reference"
+        return Collator(mode, self.target_kwargs, mean=self.params.mean, std=self.params.std)
+
 
 def make_cpu_loader(dataset: ValidatedOCRDataset, batch_size: int, shuffle: bool, num_workers: int,
                     drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader (worker processes) version of the CPU backend."""
     mode = dataset.target_mode if dataset.with_targets else "reference"
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
-        collate_fn=Collator(mode, dataset.target_kwargs),
+        collate_fn=Collator(mode, dataset.target_kwargs, mean=dataset.params.mean, std=dataset.params.std),
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
     )
+
+
+def _limit_thread_parallelism() -> None:
+    """Loader threads run their torch ops single-threaded (OpenMP's thread count is per
+    calling thread, so the training thread keeps its own), as DataLoader workers do."""
+    torch.set_num_threads(1)
+
+
+class ThreadedLoader:
+    """Batches built by ``num_threads`` threads of this process (0: in the calling thread),
+    in order, up to ``prefetch`` batches ahead. One ``iter()`` is one epoch of
+    :class:`~ocr.data.sampling.EpochPlan` (shuffled from ``(seed, epoch)``, sharded by the
+    torch.distributed rank, last partial batch kept unless ``drop_last``); starting a new
+    epoch drops what is left of an abandoned one. ``sampler.set_epoch`` (Lightning) picks
+    the epoch."""
+
+    def __init__(self, dataset: ValidatedOCRDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 num_threads: int, prefetch: int | None = None, rank: int | None = None,
+                 world_size: int | None = None):
+        if dataset.seed is None:
+            dataset.seed = seed
+        if rank is None or world_size is None:
+            rank, world_size = distributed_rank_world()
+        self.dataset = dataset
+        self.collate = dataset.collator()
+        self.plan = EpochPlan(len(dataset), batch_size, shuffle, drop_last, seed, rank, world_size)
+        self.num_threads = max(0, int(num_threads))
+        self.prefetch = prefetch if prefetch is not None else max(2, 2 * self.num_threads)
+        self.sampler = EpochSampler(self)
+        self.batch_sampler = None  # Lightning inspects both
+        self._next_epoch = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._active: _ThreadedEpoch | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self._next_epoch = int(epoch)
+
+    def make_batch(self, indices, epoch: int) -> dict:
+        return self.collate([self.dataset.get(int(i), epoch) for i in indices])
+
+    def _executor(self) -> ThreadPoolExecutor | None:
+        if self.num_threads == 0:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ocr-loader",
+                                            initializer=_limit_thread_parallelism)
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    def __iter__(self) -> "_ThreadedEpoch":
+        with self._lock:
+            if self._active is not None:
+                self._active.close()
+            epoch = self._next_epoch
+            self._next_epoch += 1
+            self.dataset.set_epoch(epoch)
+            self._active = _ThreadedEpoch(self, epoch, self.plan.batches(epoch))
+            return self._active
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class _ThreadedEpoch:
+    def __init__(self, loader: ThreadedLoader, epoch: int, batches: list[np.ndarray]):
+        self._loader = loader
+        self._epoch = epoch
+        self._batches = batches
+        self._next_submit = 0
+        self._next_yield = 0
+        self._pending: dict[int, Future] = {}
+        self._closed = False
+
+    def __iter__(self) -> "_ThreadedEpoch":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def _fill(self, pool: ThreadPoolExecutor) -> None:
+        while self._next_submit < len(self._batches) and len(self._pending) < self._loader.prefetch:
+            i = self._next_submit
+            self._pending[i] = pool.submit(self._loader.make_batch, self._batches[i], self._epoch)
+            self._next_submit += 1
+
+    def __next__(self) -> dict:
+        if self._closed or self._next_yield >= len(self._batches):
+            self.close()
+            raise StopIteration
+        i = self._next_yield
+        pool = self._loader._executor()
+        if pool is None:
+            batch = self._loader.make_batch(self._batches[i], self._epoch)
+        else:
+            self._fill(pool)
+            batch = self._pending.pop(i).result()
+            self._fill(pool)
+        self._next_yield += 1
+        return batch
+
+    def close(self) -> None:
+        self._closed = True
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()

@@ -17,13 +17,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Bump when any transform changes its output for the same input and parameters:
 # it is part of every cache key.
-TRANSFORMS_VERSION = 1
+# 2: colour jitter rounds (was: truncated) and clips after brightness/contrast (a LUT);
+#    eval canvases of JPEG-reduced decodes end where a full decode's would.
+TRANSFORMS_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ColorJitter:
     """Multiplicative jitter, each factor drawn uniformly in [1 - x, 1 + x]:
-    out = brightness * (128 + contrast * (in - 128)), then saturation around the grey."""
+    out = brightness * (128 + contrast * (in - 128)) (rounded, clipped to uint8), then
+    saturation around the grey (0.299 R + 0.587 G + 0.114 B), rounded and clipped."""
 
     brightness: float = 0.2
     contrast: float = 0.2
@@ -107,26 +110,57 @@ def draw_jitter(rng: np.random.Generator, jitter: ColorJitter) -> tuple[float, f
     return tuple(float(rng.uniform(1 - x, 1 + x)) for x in (jitter.brightness, jitter.contrast, jitter.saturation))
 
 
+def brightness_contrast_lut(brightness: float, contrast: float) -> np.ndarray:
+    """uint8 -> uint8 table of ``brightness * (128 + contrast * (v - 128))``, rounded and clipped."""
+    values = brightness * (128.0 + contrast * (np.arange(256, dtype=np.float64) - 128.0))
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
 def apply_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
-    out = image.astype(np.float32)
-    out = brightness * (128.0 + contrast * (out - 128.0))
-    grey = out @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    out = grey[..., None] + saturation * (out - grey[..., None])
-    return np.clip(out, 0, 255).astype(np.uint8)
+    """Colour jitter of a uint8 RGB image (see :class:`ColorJitter`): a lookup table for
+    brightness/contrast, then ``grey + saturation * (x - grey)`` (OpenCV, saturating)."""
+    out = cv2.LUT(image, brightness_contrast_lut(brightness, contrast))
+    if saturation != 1.0:
+        grey = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        out = cv2.addWeighted(out, float(saturation), grey, float(1.0 - saturation), 0.0)
+    return out
+
+
+def normalization_affine(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel so that ``x * scale + shift == (x / 255 - mean) / std``."""
+    std255 = np.asarray(std, dtype=np.float64) * 255.0
+    scale = 1.0 / std255
+    shift = -np.asarray(mean, dtype=np.float64) * 255.0 / std255
+    return scale.astype(np.float32), shift.astype(np.float32)
 
 
 def normalize_chw(image: np.ndarray, mean, std) -> np.ndarray:
     """uint8 HWC RGB -> float32 CHW, (x / 255 - mean) / std."""
-    scale = np.asarray(std, dtype=np.float32) * 255.0
-    shift = np.asarray(mean, dtype=np.float32) * 255.0
-    out = (image.astype(np.float32) - shift) / scale
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    out = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
+    normalize_into(out, image, mean, std)
+    return out
+
+
+def normalize_into(out, image: np.ndarray, mean, std) -> None:
+    """Write the normalised CHW float version of the uint8 HWC ``image`` into ``out`` (a
+    contiguous float32 [3, H, W] torch tensor or NumPy array): OpenCV splits the channels
+    and converts each with one fused multiply-add, in place."""
+    planes = cv2.split(np.ascontiguousarray(image))
+    dst = out.numpy() if hasattr(out, "numpy") else out
+    scale, shift = normalization_affine(mean, std)
+    for c, plane in enumerate(planes):
+        cv2.addWeighted(plane, float(scale[c]), plane, 0.0, float(shift[c]), dst=dst[c], dtype=cv2.CV_32F)
 
 
 def sample_matrix(params: TransformParams, height: int, width: int, polygons, ignore, rng) -> np.ndarray:
     if params.train:
         return geometry.train_matrix(height, width, list(polygons), list(ignore), params.image_size, rng, params.augment, params.crop_size or None)
     return geometry.eval_matrix(height, width, params.image_size)
+
+
+def _is_pure_scale(matrix: np.ndarray) -> bool:
+    return bool(matrix[0, 1] == 0 and matrix[1, 0] == 0 and matrix[0, 2] == 0 and matrix[1, 2] == 0
+                and matrix[0, 0] == matrix[1, 1] and np.array_equal(matrix[2], (0.0, 0.0, 1.0)))
 
 
 def render_sample(params: TransformParams, encoded: np.ndarray, matrix: np.ndarray, height: int, width: int,
@@ -140,7 +174,21 @@ def render_sample(params: TransformParams, encoded: np.ndarray, matrix: np.ndarr
             f"{name}: decoded size {image.shape[1]}x{image.shape[0]} does not match the header size "
             f"{width}x{height} (reduction {reduction})"
         )
+    return render_decoded(params, image, reduction, matrix, height, width, rng)
+
+
+def render_decoded(params: TransformParams, image: np.ndarray, reduction: int, matrix: np.ndarray, height: int,
+                   width: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A decoded RGB image (at 1/``reduction`` of the displayed ``height`` x ``width``) ->
+    uint8 canvas through ``matrix`` (+ jitter in training): the rest of :func:`render_sample`,
+    shared with renders from preloaded decoded arrays."""
     canvas = warp_to_canvas(image, matrix @ geometry.scale_matrix(reduction), params.output_size)
+    if reduction > 1 and _is_pure_scale(matrix):
+        # a reduced decode has ceil(size / r) pixels, the last one reaching past the image:
+        # keep the content to the size a full decode gives (round(size * s)), as DALI does
+        s = matrix[0, 0]
+        canvas[int(np.rint(height * s)):] = 0
+        canvas[:, int(np.rint(width * s)):] = 0
     if params.train and rng is not None:
         canvas = apply_jitter(canvas, *draw_jitter(rng, params.jitter))
     return canvas

@@ -344,9 +344,6 @@ def test_statistics_lines_and_low_hit_rate_warning(caplog):
     assert json.loads(json.dumps(stats.to_dict()))["passes"][1]["hit_rate"] == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="ocr/data/dataset.py ValidatedOCRDataset._canvas renders decoded arrays without the "
-                   "reduced-decode extent clearing render_sample does since TRANSFORMS_VERSION 2; remove this marker "
-                   "when both paths share one function")
 def test_preload_decoded_keeps_eval_pixels_identical(data_a, fresh_a, caplog):
     caplog.set_level(logging.INFO)
     dm, loader = val_loader(data_a, f"{VAL}.preload_decoded=true", f"{VAL}.cache_config.cache_transformed_tensors=false")

@@ -1,0 +1,284 @@
+"""The DALI loader: runs a split's graph and turns its outputs into complete Batches.
+
+``len()`` is the number of batches of an epoch (this rank's share); every ``iter()`` is one
+epoch: reshuffled from ``(seed, epoch)``, the last partial batch kept unless ``drop_last``.
+An epoch abandoned mid-way (Lightning's sanity check, ``limit_*_batches``) is cancelled
+when the next one starts: the external-source workers stop producing it, the batches
+already in flight are run out, and the pipeline is reset (DALI resets only at the end of
+an epoch).
+
+On the CPU (``device="cpu"``) the pipeline is driven, and each batch's outputs turned into
+a Batch with its DB targets, by one helper thread that works one batch ahead of the
+consumer; its torch ops run single-threaded (OpenMP's thread count is per calling
+thread): torch's intra-op threads spinning against DALI's own threads made target
+rendering ~15x slower on a 2-core machine. On the GPU the calling thread does it (the
+targets are CUDA kernels; CUDA's current device and stream are per thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from dali_pipelines.graphs import OUTPUTS, build_pipeline
+from dali_pipelines.source import DaliBatchSource, EpochControl
+from ocr.data.batch import attach_targets
+from ocr.data.sampling import EpochPlan, EpochSampler, distributed_rank_world
+from ocr.data.transforms import TransformParams
+
+log = logging.getLogger(__name__)
+
+
+def _to_numpy_list(tensor_list) -> list[np.ndarray]:
+    return [np.array(tensor_list[i]) for i in range(len(tensor_list))]
+
+
+class DaliLoader:
+    """Iterable of Batches from a DALI pipeline (see module docstring)."""
+
+    def __init__(self, source, params: TransformParams, target_kwargs: dict, batch_size: int, shuffle: bool,
+                 drop_last: bool, seed: int, with_targets: bool = True, device: str = "cpu", num_threads: int = 2,
+                 parallel: bool = False, py_num_workers: int = 1, prefetch: int = 2, rank: int | None = None,
+                 world_size: int | None = None, device_id: int | None = None):
+        if rank is None or world_size is None:
+            rank, world_size = distributed_rank_world()
+        self.source = source
+        self.params = params
+        self.target_kwargs = dict(target_kwargs)
+        self.with_targets = with_targets
+        self.device = device
+        self.num_threads = num_threads
+        self.parallel = parallel
+        self.py_num_workers = py_num_workers
+        self.prefetch = prefetch
+        self.device_id = device_id
+        self.plan = EpochPlan(len(source), batch_size, shuffle, drop_last, seed, rank, world_size)
+        self.sampler = EpochSampler(self)
+        self.batch_sampler = None  # Lightning inspects both
+        self._control: EpochControl | None = None
+        self._pipe = None
+        self._pipe_epoch = 0  # DALI's epoch index of the pipeline's current epoch
+        self._epoch_open = False  # the pipeline has started an epoch that was not run out and reset
+        self._next_epoch = 0
+        self._active: _EpochIterator | None = None
+        self._finalizer = None
+        self._last_outputs = None
+        self._worker: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ public
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sample order and augmentation of the next epoch come from ``(seed, epoch)``."""
+        self._next_epoch = int(epoch)
+
+    def __iter__(self) -> "_EpochIterator":
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        self._call(self._finish_epoch)
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        if self.plan.num_batches == 0:
+            self._active = _EpochIterator(self, epoch, 0)
+            return self._active
+        self._call(self._pipeline)
+        self._control.start(self._pipe_epoch, epoch)
+        self._epoch_open = True
+        self._active = _EpochIterator(self, epoch, self.plan.num_batches)
+        return self._active
+
+    def close(self) -> None:
+        """Stop the workers and free the pipeline (also done when the loader is collected)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        if self._finalizer is not None:
+            self._finalizer()
+        self._pipe = None
+        self._control = None
+        self._last_outputs = None
+        self._epoch_open = False
+
+    # ------------------------------------------------------------------ internals
+    def _executor(self) -> ThreadPoolExecutor | None:
+        if self.device != "cpu":
+            return None
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="dali-loader", initializer=torch.set_num_threads,
+                                              initargs=(1,))
+        return self._worker
+
+    def _submit(self, fn) -> Future:
+        executor = self._executor()
+        if executor is not None:
+            return executor.submit(fn)
+        future: Future = Future()
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            future.set_exception(exc)
+        return future
+
+    def _call(self, fn):
+        """Run ``fn`` where the pipeline lives (the helper thread on the CPU), in order."""
+        return self._submit(fn).result()
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._control = EpochControl()
+            callback = DaliBatchSource(self.source, self.params, self.plan, self._control)
+            device_id = self.device_id
+            if device_id is None and self.device == "gpu":
+                device_id = torch.cuda.current_device()
+            pipe = build_pipeline(callback, self.params, self.device, self.plan.batch_size, self.num_threads,
+                                  device_id, parallel=self.parallel, py_num_workers=self.py_num_workers,
+                                  prefetch=self.prefetch)
+            if self.parallel:
+                pipe.start_py_workers()
+            pipe.build()
+            self._pipe = pipe
+            self._pipe_epoch = 0
+            self._finalizer = weakref.finalize(self, _release, pipe, self._control)
+        return self._pipe
+
+    def _finish_epoch(self) -> None:
+        """Run the open epoch out (cancelled: no new batches) and reset the pipeline."""
+        if not self._epoch_open:
+            return
+        self._control.cancel(self._pipe_epoch)
+        while True:
+            try:
+                self._pipe.run()
+            except StopIteration:
+                break
+        self._pipe.reset()
+        self._pipe_epoch += 1
+        self._epoch_open = False
+
+    def _run(self) -> dict:
+        outputs = dict(zip(OUTPUTS, self._pipe.run()))
+        self._last_outputs = outputs
+        return self._to_batch(outputs)
+
+    def _to_batch(self, out: dict) -> dict:
+        images = self._images(out["images"])
+        index = out["index"].as_array().reshape(-1)
+        matrices = np.ascontiguousarray(out["matrix"].as_array(), dtype=np.float64)
+        lengths = _to_numpy_list(out["lengths"])
+        net_vertices = _to_numpy_list(out["net_vertices"])
+        ignore = _to_numpy_list(out["ignore"])
+        samples = [self.source.samples[int(i)] for i in index]
+        net_polygons = []
+        for verts, lens in zip(net_vertices, lengths):
+            verts = verts.reshape(-1, 2)
+            net_polygons.append(list(np.split(verts, np.cumsum(lens)[:-1])) if len(lens) else [])
+        batch = {
+            "images": images,
+            "matrices": torch.from_numpy(matrices),
+            "orig_sizes": torch.tensor([self.source.sizes[int(i)] for i in index], dtype=torch.int64),
+            "polygons": [list(s.polygons) for s in samples],
+            "net_polygons": net_polygons,
+            "ignore": [[bool(v) for v in flags] for flags in ignore],
+            "names": [s.name for s in samples],
+        }
+        if self.with_targets:
+            attach_targets(batch, self.target_kwargs)
+        return batch
+
+    def _images(self, tensor_list) -> torch.Tensor:
+        if self.device == "gpu":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            tensor = tensor_list.as_tensor()
+            device = torch.device("cuda", torch.cuda.current_device())
+            out = torch.empty(tensor.shape(), dtype=torch.float32, device=device)
+            # on torch's current stream, as DALIGenericIterator does; the DALI outputs stay
+            # referenced until the next batch (self._last_outputs), past the queued copy
+            feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+            return out
+        return torch.from_numpy(tensor_list.as_array())
+
+
+def _release(pipe, control: EpochControl) -> None:
+    """Stop the external-source workers and the pipeline; remove the control file. Safe to
+    run twice and at interpreter exit (after DALI's own shutdown)."""
+    try:
+        pool = getattr(pipe, "_py_pool", None)
+        if pool is not None:
+            pool.close()
+        pipe._shutdown()
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        log.debug("DALI pipeline shutdown failed", exc_info=True)
+    finally:
+        control.close()
+
+
+class _EpochIterator:
+    """One epoch of a :class:`DaliLoader`; invalid once the loader starts another epoch.
+    With a helper thread, the next batch is requested when this one is handed out."""
+
+    def __init__(self, loader: DaliLoader, epoch: int, num_batches: int):
+        self._loader = loader
+        self.epoch = epoch
+        self._to_request = num_batches
+        self._num_batches = num_batches
+        self._pending: Future | None = None
+        self._closed = False
+
+    def __iter__(self) -> "_EpochIterator":
+        return self
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def _request(self) -> None:
+        if self._pending is None and self._to_request > 0:
+            self._pending = self._loader._submit(self._loader._run)
+            self._to_request -= 1
+
+    def __next__(self) -> dict:
+        if self._closed:
+            raise StopIteration
+        self._request()
+        if self._pending is None:
+            raise StopIteration
+        future, self._pending = self._pending, None
+        batch = future.result()
+        if self._loader._worker is not None:
+            self._request()  # the helper thread works on the next batch meanwhile
+        return batch
+
+    def close(self) -> None:
+        """Stop requesting; a batch in flight is finished (the pipeline stays consistent)."""
+        self._closed = True
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:  # noqa: BLE001 - the epoch is being dropped anyway
+                pass
+            self._pending = None
+
+
+def build_dali_loader(choice, source, params: TransformParams, target_kwargs: dict, batch_size: int, shuffle: bool,
+                      drop_last: bool, seed: int, with_targets: bool = True, *, parallel: bool | None = None,
+                      rank: int | None = None, world_size: int | None = None) -> DaliLoader:
+    """The DALI loader of one split for ``ocr.data.backends.build_loader`` (``choice``: a
+    ``BackendChoice`` with ``.device`` "gpu" | "cpu" and ``.dali_threads``)."""
+    if parallel is None:
+        parallel = choice.device == "gpu"
+    return DaliLoader(source, params, target_kwargs, batch_size, shuffle, drop_last, seed, with_targets,
+                      device=choice.device, num_threads=choice.dali_threads, parallel=parallel,
+                      py_num_workers=max(1, min(4, choice.num_workers)), rank=rank, world_size=world_size)

@@ -1,0 +1,234 @@
+"""What the DALI graphs read: a picklable per-batch callback over a ``SampleSource``.
+
+The callback runs in DALI's parallel external-source workers (``parallel=True``,
+``py_start_method="spawn"``) or in the loader's own process. It does the cheap,
+Python-side part of a sample: the encoded bytes, the geometry ``M`` (built by the same
+``ocr.data.transforms.sample_matrix`` the CPU backend uses), the parameters derived from
+it (antialiasing resize, residual warp, colour jitter) and the polygons as one vertex
+array plus per-polygon lengths and ignore flags. Pixels are then the graph's business.
+
+Which samples form batch ``i`` of an epoch is decided by :class:`EpochPlan` alone (seed,
+epoch, rank, world size), so every process computes the same batches without talking to
+each other. The only state shared with the workers is a tiny control file
+(:class:`EpochControl`): which logical epoch a pipeline epoch stands for (so Lightning's
+``set_epoch`` and resumed runs reshuffle correctly), and whether the loader abandoned it
+(then the workers stop producing it at once, so the rest of an abandoned epoch costs at
+most the few batches already in flight).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ocr.data import geometry
+from ocr.data.sampling import EpochPlan, sample_rng
+from ocr.data.transforms import TransformParams, draw_jitter, sample_matrix
+
+__all__ = ["DaliBatchSource", "EpochControl", "EpochPlan", "resize_geometry", "source_outputs"]
+
+#: Outputs of :class:`DaliBatchSource`, in order (one list entry per sample of a batch).
+SOURCE_OUTPUTS = (
+    "encoded",  # uint8 (bytes,): the file's bytes
+    "index",  # int64 (1,): sample index in the SampleSource
+    "matrix",  # float64 (3, 3): M, original pixels -> network pixels
+    "mt",  # float32 (2, 3): M's affine rows, for fn.coord_transform
+    "vertices",  # float32 (V, 2): all polygons' vertices, original pixels
+    "lengths",  # int32 (P,): vertices per polygon
+    "ignore",  # uint8 (P,): don't-care flags
+    "resize_size",  # float32 (2,): (h, w) after the antialiasing resize
+    "resize_roi",  # float32 (2,): (h, w) of the source region that maps onto it (keeps the exact scale)
+    "warp",  # float32 (2, 3): residual warp, destination -> source (DALI's inverse map)
+    "jitter",  # float32 (3,): brightness, contrast, saturation factors
+)
+SOURCE_DTYPES = ("uint8", "int64", "float64", "float32", "float32", "int32", "uint8", "float32", "float32", "float32",
+                 "float32")
+SOURCE_NDIMS = (1, 1, 2, 2, 2, 1, 1, 1, 1, 2, 1)
+#: The evaluation graph neither warps nor jitters.
+EVAL_OUTPUTS = SOURCE_OUTPUTS[:9]
+
+
+def source_outputs(train: bool) -> tuple[str, ...]:
+    return SOURCE_OUTPUTS if train else EVAL_OUTPUTS
+
+
+def cv_round(x: float) -> int:
+    """OpenCV's ``saturate_cast<int>(double)`` (round half to even), as ``cv2.resize`` sizes its output."""
+    return int(np.rint(x))
+
+
+def resize_geometry(height: int, width: int, scale: float) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Output size of an isotropic resize by ``scale`` as ``cv2.resize(fx=fy=scale)`` makes it, and the
+    source region (from the origin) that maps exactly onto it at that scale: DALI's ``fn.resize`` with
+    ``size`` and ``roi_end`` then applies exactly ``scale``, like OpenCV does."""
+    oh, ow = max(1, cv_round(height * scale)), max(1, cv_round(width * scale))
+    return (oh, ow), (oh / scale, ow / scale)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(directory: str, prefix: str) -> None:
+    """Control files left by processes that were killed (the name carries the creator's pid)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split("_", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
+class EpochControl:
+    """A few int64 slots in a small file (in /dev/shm when available) that the loader
+    writes and the external-source workers read: for pipeline epoch ``k`` (DALI's
+    ``BatchInfo.epoch_idx``) slot ``k % RING`` holds ``(k, logical epoch, cancelled)``."""
+
+    RING = 8
+    PREFIX = "dali_epoch_ctrl_"
+
+    def __init__(self, path: str | None = None):
+        self._owner = path is None
+        if path is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+            _remove_stale(base, self.PREFIX)
+            fd, path = tempfile.mkstemp(prefix=f"{self.PREFIX}{os.getpid()}_", suffix=".bin", dir=base)
+            os.close(fd)
+            np.full(self.RING * 3, -1, dtype=np.int64).tofile(path)
+        self.path = path
+        self._array: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self._owner = False
+        self.path = state["path"]
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=np.int64, mode="r+", shape=(self.RING * 3,))
+        return self._array
+
+    def start(self, pipeline_epoch: int, logical_epoch: int) -> None:
+        slot = (pipeline_epoch % self.RING) * 3
+        self.array[slot : slot + 3] = (pipeline_epoch, logical_epoch, 0)
+
+    def cancel(self, pipeline_epoch: int) -> None:
+        slot = (pipeline_epoch % self.RING) * 3
+        if self.array[slot] == pipeline_epoch:
+            self.array[slot + 2] = 1
+
+    def lookup(self, pipeline_epoch: int) -> tuple[int, bool]:
+        """(logical epoch, cancelled); an epoch the loader never started counts as cancelled."""
+        slot = (pipeline_epoch % self.RING) * 3
+        k, logical, cancelled = (int(v) for v in self.array[slot : slot + 3])
+        if k != pipeline_epoch:
+            return -1, True
+        return logical, bool(cancelled)
+
+    def close(self) -> None:
+        self._array = None
+        if self._owner:
+            Path(self.path).unlink(missing_ok=True)
+            self._owner = False
+
+
+class DaliBatchSource:
+    """``source`` of the graphs' ``fn.external_source`` (``batch=True``, ``batch_info=True``):
+    one call per batch, stateless apart from a per-epoch cache of the sample order, so any
+    number of worker processes can compute batches in any order. Raises ``StopIteration``
+    past the plan's last batch and for abandoned epochs."""
+
+    def __init__(self, source, params: TransformParams, plan: EpochPlan, control: EpochControl):
+        self.source = source
+        self.params = params
+        self.plan = plan
+        self.control = control
+        self.outputs = source_outputs(params.train)
+        self._order_epoch: int | None = None
+        self._order: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_order_epoch"], state["_order"] = None, None
+        return state
+
+    def _batch_indices(self, epoch: int, iteration: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.plan.order(epoch), epoch
+        b = self.plan.batch_size
+        return self._order[iteration * b : (iteration + 1) * b]
+
+    def __call__(self, info) -> tuple[list[np.ndarray], ...]:
+        epoch, cancelled = self.control.lookup(int(info.epoch_idx))
+        if cancelled or info.iteration >= self.plan.num_batches:
+            raise StopIteration
+        indices = self._batch_indices(epoch, int(info.iteration))
+        columns: tuple[list[np.ndarray], ...] = tuple([] for _ in self.outputs)
+        for index in indices:
+            for column, value in zip(columns, self.sample_inputs(int(index), epoch)):  # zip drops unused ones
+                column.append(value)
+        return columns
+
+    def geometry(self, index: int, epoch: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """(M, jitter factors) of a sample: drawn exactly as the CPU backend's threaded loader
+        draws them (``ocr.data.sampling.sample_rng``, then ``sample_matrix``, then the jitter)."""
+        sample = self.source.samples[index]
+        height, width = self.source.sizes[index]
+        rng = sample_rng(self.plan.seed, epoch, index) if self.params.train else None
+        matrix = sample_matrix(self.params, height, width, sample.polygons, sample.ignore, rng)
+        jitter = draw_jitter(rng, self.params.jitter) if rng is not None else (1.0, 1.0, 1.0)
+        return matrix, jitter
+
+    def sample_inputs(self, index: int, epoch: int) -> tuple[np.ndarray, ...]:
+        sample = self.source.samples[index]
+        height, width = self.source.sizes[index]
+        params = self.params
+        matrix, jitter = self.geometry(index, epoch)
+        scale = geometry.matrix_scale(matrix)
+        # Eval: the whole (isotropic) M is the resize. Train: antialiased resize by the
+        # isotropic scale when it shrinks, then the residual warp -- as warp_to_canvas does.
+        resize_scale = scale if not params.train else min(scale, 1.0)
+        size, roi = resize_geometry(height, width, resize_scale)
+        residual = matrix @ geometry.scale_matrix(1.0 / resize_scale)
+        warp = np.linalg.inv(residual)[:2]
+        polygons = sample.polygons
+        if polygons:
+            vertices = np.concatenate([np.asarray(p, dtype=np.float32).reshape(-1, 2) for p in polygons])
+        else:
+            vertices = np.zeros((0, 2), dtype=np.float32)
+        return (
+            self.source.encoded_array(index),
+            np.array([index], dtype=np.int64),
+            np.asarray(matrix, dtype=np.float64),
+            np.asarray(matrix[:2], dtype=np.float32),
+            vertices,
+            np.array([len(p) for p in polygons], dtype=np.int32),
+            np.array(sample.ignore, dtype=np.uint8),
+            np.array(size, dtype=np.float32),
+            np.array(roi, dtype=np.float32),
+            warp.astype(np.float32),
+            np.array(jitter, dtype=np.float32),
+        )

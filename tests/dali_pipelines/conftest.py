@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny generated receipt dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ocr.data.annotations import load_annotations
+from ocr.data.source import SampleSource
+from ocr.data.synthetic import generate_dataset
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("nvidia.dali")
+
+
+def cuda_usable() -> bool:
+    return torch.cuda.is_available()
+
+
+gpu = pytest.mark.skipif(not cuda_usable(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dali") / "receipts"
+    generate_dataset(root, num_train=7, num_val=5, num_test=1, seed=11, progress=False)
+    return root
+
+
+def load_source(root: Path, split: str) -> SampleSource:
+    return SampleSource(load_annotations(root / "jsons" / f"{split}.json", root / "images" / split), split=split)
+
+
+@pytest.fixture(scope="session")
+def train_source(tiny_root) -> SampleSource:
+    return load_source(tiny_root, "train")
+
+
+@pytest.fixture(scope="session")
+def val_source(tiny_root) -> SampleSource:
+    return load_source(tiny_root, "val")
