@@ -25,17 +25,9 @@ def _mean(values):
 
 
 def _hit_rate(summary: dict) -> float | None:
-    """Validation cache hit rate (%) after the first epoch, if the run recorded one."""
-    stats = summary.get("cache_stats") or {}
-    val = stats.get("val") if isinstance(stats, dict) else None
-    if isinstance(val, dict):
-        for key in ("hit_rate_after_first_epoch", "hit_rate"):
-            if val.get(key) is not None:
-                rate = float(val[key])
-                return rate * 100 if rate <= 1.0 else rate
-    rates = [e.get("val_cache_hit_rate") for e in summary.get("epochs", [])[1:]]
-    rate = _mean(rates)
-    return None if rate is None else (rate * 100 if rate <= 1.0 else rate)
+    """Validation cache hit rate (%) over the epochs after the first (None: no cache)."""
+    rate = _mean([e.get("val_cache_hit_rate") for e in summary.get("epochs", [])[1:]])
+    return None if rate is None else 100.0 * rate
 
 
 def figures_from_summary(summary: dict) -> dict:
@@ -125,7 +117,7 @@ def write_outputs(out_dir: Path, rows: list[dict], header: dict, title: str) -> 
     os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
     table = markdown_table(rows)
     lines = [f"# {title}", ""]
-    for key in ("hardware_label", "device", "settings"):
+    for key in ("hardware_label", "device", "settings", "caveat"):
         if header.get(key):
             lines.append(f"- {key.replace('_', ' ')}: {header[key]}")
     lines += ["", table, "",

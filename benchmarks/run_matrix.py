@@ -152,6 +152,9 @@ def run_matrix(args) -> int:
         rows.append(row)
     add_speedups(rows)
     header = {"kind": "matrix", "hardware_label": label, "device": hw["device"], "hardware": hw,
+              "caveat": ("--quick: a few batches of an untrained model; validation time is then mostly "
+                         "post-processing of noise maps and hmean is 0, so read the train columns and the cache "
+                         "hit rate, not the validation speed-ups") if args.quick else None,
               "settings": {"epochs": epochs, "limit_train_batches": ltb, "limit_val_batches": lvb,
                            "seed": args.seed, "overrides": common}, "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result = write_outputs(out_dir, rows, header, f"Benchmark matrix: {label}")

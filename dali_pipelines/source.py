@@ -27,6 +27,7 @@ import numpy as np
 from ocr.data import geometry
 from ocr.data.sampling import EpochPlan, sample_rng
 from ocr.data.transforms import TransformParams, draw_jitter, sample_matrix
+from ocr.shm import SHM_DIR, remove_stale_files
 
 __all__ = ["DaliBatchSource", "EpochControl", "EpochPlan", "resize_geometry", "source_outputs"]
 
@@ -68,36 +69,6 @@ def resize_geometry(height: int, width: int, scale: float) -> tuple[tuple[int, i
     return (oh, ow), (oh / scale, ow / scale)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale(directory: str, prefix: str) -> None:
-    """Control files left by processes that were killed (the name carries the creator's pid)."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        try:
-            pid = int(name[len(prefix):].split("_", 1)[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:
-                pass
-
-
 class EpochControl:
     """A few int64 slots in a small file (in /dev/shm when available) that the loader
     writes and the external-source workers read: for pipeline epoch ``k`` (DALI's
@@ -109,8 +80,8 @@ class EpochControl:
     def __init__(self, path: str | None = None):
         self._owner = path is None
         if path is None:
-            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-            _remove_stale(base, self.PREFIX)
+            base = SHM_DIR if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK) else tempfile.gettempdir()
+            remove_stale_files(base, self.PREFIX)
             fd, path = tempfile.mkstemp(prefix=f"{self.PREFIX}{os.getpid()}_", suffix=".bin", dir=base)
             os.close(fd)
             np.full(self.RING * 3, -1, dtype=np.int64).tofile(path)

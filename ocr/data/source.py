@@ -26,16 +26,16 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ocr.data.annotations import Sample
-from tqdm.auto import tqdm
+from ocr.shm import SHM_DIR, remove_stale_files
 
 log = logging.getLogger(__name__)
 
 # EXIF orientations 5..8 swap width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
-_SHM_DIR = "/dev/shm"
 _SHM_PREFIX = "dbnet_images_"
 
 
@@ -56,36 +56,6 @@ def read_image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_shm_files() -> None:
-    """Buffers left in /dev/shm by processes that were killed."""
-    try:
-        names = os.listdir(_SHM_DIR)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(_SHM_PREFIX):
-            continue
-        try:
-            pid = int(name[len(_SHM_PREFIX):].split("_", 1)[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            try:
-                os.unlink(os.path.join(_SHM_DIR, name))
-            except OSError:
-                pass
-
-
 class SharedBytes:
     """Many byte strings in one read-only buffer. ``shared=True`` puts the buffer in a
     file under /dev/shm that is mapped (not copied) by every process that unpickles this
@@ -99,8 +69,8 @@ class SharedBytes:
         self._array: np.ndarray | None = None
         total = int(self.offsets[-1])
         if shared and total > 0 and self._shm_usable(total):
-            _remove_stale_shm_files()
-            fd, path = tempfile.mkstemp(prefix=f"{_SHM_PREFIX}{os.getpid()}_", suffix=".bin", dir=_SHM_DIR)
+            remove_stale_files(SHM_DIR, _SHM_PREFIX)
+            fd, path = tempfile.mkstemp(prefix=f"{_SHM_PREFIX}{os.getpid()}_", suffix=".bin", dir=SHM_DIR)
             try:
                 with os.fdopen(fd, "wb") as f:
                     for c in chunks:
@@ -110,7 +80,7 @@ class SharedBytes:
                 self._finalizer = weakref.finalize(self, _unlink_if_owner, path, os.getpid())
             except OSError as exc:  # e.g. /dev/shm full: keep a private buffer instead
                 _unlink_quietly(path)
-                log.warning("cannot place preloaded images in %s (%s): keeping them in the main process", _SHM_DIR, exc)
+                log.warning("cannot place preloaded images in %s (%s): keeping them in the main process", SHM_DIR, exc)
         if self.path is None:
             array = np.empty(total, dtype=np.uint8)
             for c, start in zip(chunks, self.offsets[:-1]):
@@ -122,7 +92,7 @@ class SharedBytes:
         try:
             import shutil
 
-            return os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK) and shutil.disk_usage(_SHM_DIR).free > 2 * total
+            return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK) and shutil.disk_usage(SHM_DIR).free > 2 * total
         except OSError:
             return False
 

@@ -115,8 +115,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path, precision: str, callbacks: 
 def _quiet_lightning_handlers() -> None:
     """Lightning adds its own console handler; under Hydra the root logger already
     prints (and writes the run log), so every line would appear twice."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).handlers.clear()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
 
 
 def _common_setup(cfg: DictConfig) -> tuple[Path, str]:
