@@ -430,9 +430,10 @@ class OCRDataModule(L.LightningDataModule):
             n = len(source)
             state["reason"] = why
             state["fallback"] = n
-            log.warning("Fallback to on-the-fly generation: %d/%d samples (100.0%%) of the %s split: %s. Precompute "
-                        "them with: uv run python scripts/preprocess_data.py maps --split %s [the run's data overrides]",
-                        n, n, split, why, split)
+            # Normal until someone precomputes maps (the targets are then computed as usual): info, not a warning.
+            log.info("Fallback to on-the-fly generation: %d/%d samples (100.0%%) of the %s split: %s. Precompute "
+                     "them with: uv run python scripts/preprocess_data.py maps --split %s [the run's data overrides]",
+                     n, n, split, why, split)
             return state
         state["store"] = store
         names = [s.name for s in source.samples]
