@@ -27,7 +27,7 @@ import torch
 from dali_pipelines.graphs import OUTPUTS, build_pipeline
 from dali_pipelines.source import DaliBatchSource, EpochControl
 from ocr.data.batch import attach_targets
-from ocr.data.sampling import EpochPlan, EpochSampler, distributed_rank_world
+from ocr.data.sampling import PlannedLoader
 from ocr.data.transforms import TransformParams
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,14 @@ def _to_numpy_list(tensor_list) -> list[np.ndarray]:
     return [np.array(tensor_list[i]) for i in range(len(tensor_list))]
 
 
-class DaliLoader:
+class DaliLoader(PlannedLoader):
     """Iterable of Batches from a DALI pipeline (see module docstring)."""
 
     def __init__(self, source, params: TransformParams, target_kwargs: dict, batch_size: int, shuffle: bool,
                  drop_last: bool, seed: int, with_targets: bool = True, device: str = "cpu", num_threads: int = 2,
                  parallel: bool = False, py_num_workers: int = 1, prefetch: int = 2, rank: int | None = None,
                  world_size: int | None = None, device_id: int | None = None):
-        if rank is None or world_size is None:
-            rank, world_size = distributed_rank_world()
+        super().__init__(len(source), batch_size, shuffle, drop_last, seed, rank, world_size)
         self.source = source
         self.params = params
         self.target_kwargs = dict(target_kwargs)
@@ -56,38 +55,22 @@ class DaliLoader:
         self.py_num_workers = py_num_workers
         self.prefetch = prefetch
         self.device_id = device_id
-        self.plan = EpochPlan(len(source), batch_size, shuffle, drop_last, seed, rank, world_size)
-        self.sampler = EpochSampler(self)
-        self.batch_sampler = None  # Lightning inspects both
         self._control: EpochControl | None = None
         self._pipe = None
         self._pipe_epoch = 0  # DALI's epoch index of the pipeline's current epoch
         self._epoch_open = False  # the pipeline has started an epoch that was not run out and reset
-        self._next_epoch = 0
         self._active: _EpochIterator | None = None
         self._finalizer = None
         self._last_outputs = None
         self._worker: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ public
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        """Sample order and augmentation of the next epoch come from ``(seed, epoch)``."""
-        self._next_epoch = int(epoch)
-
     def __iter__(self) -> "_EpochIterator":
         if self._active is not None:
             self._active.close()
             self._active = None
         self._call(self._finish_epoch)
-        epoch = self._next_epoch
-        self._next_epoch += 1
+        epoch = self.take_epoch()
         if self.plan.num_batches == 0:
             self._active = _EpochIterator(self, epoch, 0)
             return self._active

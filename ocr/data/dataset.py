@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ocr.data import geometry
 from ocr.data.batch import TARGET_KEY_OF, Collator
-from ocr.data.sampling import EpochPlan, EpochSampler, distributed_rank_world, sample_rng
+from ocr.data.sampling import PlannedLoader, sample_rng
 from ocr.data.source import SampleSource
 from ocr.data.targets import make_db_targets
 from ocr.data.transforms import TransformParams, render_decoded, render_sample, sample_matrix
@@ -158,7 +158,7 @@ def _limit_thread_parallelism() -> None:
     torch.set_num_threads(1)
 
 
-class ThreadedLoader:
+class ThreadedLoader(PlannedLoader):
     """Batches built by ``num_threads`` threads of this process (0: in the calling thread),
     in order, up to ``prefetch`` batches ahead. One ``iter()`` is one epoch of
     :class:`~ocr.data.sampling.EpochPlan` (shuffled from ``(seed, epoch)``, sharded by the
@@ -171,29 +171,14 @@ class ThreadedLoader:
                  world_size: int | None = None):
         if dataset.seed is None:
             dataset.seed = seed
-        if rank is None or world_size is None:
-            rank, world_size = distributed_rank_world()
+        super().__init__(len(dataset), batch_size, shuffle, drop_last, seed, rank, world_size)
         self.dataset = dataset
         self.collate = dataset.collator()
-        self.plan = EpochPlan(len(dataset), batch_size, shuffle, drop_last, seed, rank, world_size)
         self.num_threads = max(0, int(num_threads))
         self.prefetch = prefetch if prefetch is not None else max(2, 2 * self.num_threads)
-        self.sampler = EpochSampler(self)
-        self.batch_sampler = None  # Lightning inspects both
-        self._next_epoch = 0
         self._pool: ThreadPoolExecutor | None = None
         self._active: _ThreadedEpoch | None = None
         self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self._next_epoch = int(epoch)
 
     def make_batch(self, indices, epoch: int) -> dict:
         return self.collate([self.dataset.get(int(i), epoch) for i in indices])
@@ -211,8 +196,7 @@ class ThreadedLoader:
         with self._lock:
             if self._active is not None:
                 self._active.close()
-            epoch = self._next_epoch
-            self._next_epoch += 1
+            epoch = self.take_epoch()
             self.dataset.set_epoch(epoch)
             self._active = _ThreadedEpoch(self, epoch, self.plan.batches(epoch))
             return self._active

@@ -8,6 +8,7 @@ Pure NumPy (no torch): DALI's spawned external-source workers import it.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,11 +92,40 @@ class EpochSampler:
     """What Lightning's ``_set_sampler_epoch`` calls on a loader: ``loader.sampler.set_epoch``."""
 
     def __init__(self, loader):
-        import weakref
-
         self._loader = weakref.ref(loader)
 
     def set_epoch(self, epoch: int) -> None:
         loader = self._loader()
         if loader is not None:
             loader.set_epoch(epoch)
+
+
+class PlannedLoader:
+    """What both loaders (threaded CPU, DALI) share: one :class:`EpochPlan` for this rank
+    (``len()``, ``batch_size``) and the epoch counter Lightning sets through ``sampler``."""
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 rank: int | None, world_size: int | None):
+        if rank is None or world_size is None:
+            rank, world_size = distributed_rank_world()
+        self.plan = EpochPlan(num_samples, batch_size, shuffle, drop_last, seed, rank, world_size)
+        self.sampler = EpochSampler(self)
+        self.batch_sampler = None  # Lightning inspects both
+        self._next_epoch = 0
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sample order and augmentation of the next epoch come from ``(seed, epoch)``."""
+        self._next_epoch = int(epoch)
+
+    def take_epoch(self) -> int:
+        """The epoch a new ``iter()`` runs; the one after it is next unless ``set_epoch`` says otherwise."""
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        return epoch
