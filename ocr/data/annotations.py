@@ -148,21 +148,24 @@ def _dups(obj: Any) -> list[str]:
     return list(getattr(obj, "duplicates", ()))
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text (BOM allowed) of ``path``; errors name the file and say what it is."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise AnnotationError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: {what} is not valid UTF-8 (byte offset {e.start})") from e
+
+
 def _read_json(json_path: Path) -> Any:
     if not json_path.exists():
         raise AnnotationError(f"{json_path}: annotation file not found")
     if not json_path.is_file():
         raise AnnotationError(f"{json_path}: annotation path is not a file")
-    try:
-        raw = json_path.read_bytes()
-    except OSError as e:
-        raise AnnotationError(f"{json_path}: cannot read annotation file: {e.strerror or e}") from e
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise AnnotationError(
-            f"{json_path}: annotation file is not valid UTF-8 (byte offset {e.start})"
-        ) from e
+    text = read_text(json_path, "annotation file")
     try:
         return json.loads(text, object_pairs_hook=_pairs_hook)
     except json.JSONDecodeError as e:

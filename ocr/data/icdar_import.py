@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .annotations import DONT_CARE, AnnotationError, save_annotations
+from .annotations import DONT_CARE, AnnotationError, read_text, save_annotations
 
 __all__ = ["IMAGE_EXTENSIONS", "import_icdar_txt", "list_images", "parse_icdar_txt"]
 
@@ -67,16 +67,7 @@ def parse_icdar_txt(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     label_path = Path(label_path)
-    try:
-        raw = label_path.read_bytes()
-    except OSError as e:
-        raise AnnotationError(f"{label_path}: cannot read label file: {e.strerror or e}") from e
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise AnnotationError(
-            f"{label_path}: label file is not valid UTF-8 (byte offset {e.start})"
-        ) from e
+    text = read_text(label_path, "label file")
 
     words: dict[str, dict] = {}
     problems: list[str] = []
