@@ -27,9 +27,9 @@ TARGET_MODES = ("auto", "reference", "vectorized")
 #: Why ``auto`` takes the CPU backend without CUDA: benchmarks/loader_bench.py on the 2-core
 #: development machine (SROIE receipts, 640 px, targets included) measured the CPU backend's
 #: threaded loader at 121 / 169 img/s (train / eval) against 35 / 72 img/s for DALI's CPU
-#: operators (DALI has no DCT-scaled JPEG decode, and its CPU resize and warp are slower
-#: than OpenCV's).
-CPU_VS_DALI_CPU = "2.3-3.4x the images/s of DALI's CPU operators in benchmarks/loader_bench.py"
+#: operators on the train split, 83 / 120 against 37 / 79 on the val split (DALI has no
+#: DCT-scaled JPEG decode, and its CPU resize and warp are slower than OpenCV's).
+CPU_VS_DALI_CPU = "1.5-3.4x the images/s of DALI's CPU operators in benchmarks/loader_bench.py"
 
 
 class BackendError(ValueError):
