@@ -38,21 +38,19 @@ class MemoryProbe:
             return None
         try:
             free, total = torch.cuda.mem_get_info(device)
-            return int(free), int(total)
         except Exception:  # noqa: BLE001 - fall back to NVML
-            pass
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
             try:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                return int(mem.free), int(mem.total)
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            return None
+                import pynvml
+
+                pynvml.nvmlInit()
+                try:
+                    mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device.index or 0))
+                    free, total = mem.free, mem.total
+                finally:
+                    pynvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001
+                return None
+        return capped_free(int(free), int(total), device), int(total)
 
     def host(self) -> tuple[int, int]:
         """(available, total) bytes of host RAM."""
@@ -65,6 +63,20 @@ class MemoryProbe:
         while not p.exists() and p != p.parent:
             p = p.parent
         return int(shutil.disk_usage(p).free)
+
+
+def capped_free(free: int, total: int, device: torch.device) -> int:
+    """What this process may still allocate on ``device``: the device's free memory, but no
+    more than a ``torch.cuda.set_per_process_memory_fraction`` cap (``trainer.gpu_memory_fraction``,
+    used to emulate a smaller GPU) leaves above what torch has already reserved."""
+    try:
+        fraction = float(torch.cuda.get_per_process_memory_fraction(device))
+    except Exception:  # noqa: BLE001 - no cap can be read: the device's free memory
+        return free
+    if fraction >= 1.0:
+        return free
+    allowed = int(fraction * total) - int(torch.cuda.memory_reserved(device))
+    return max(0, min(free, allowed))
 
 
 def gb(n: float) -> str:

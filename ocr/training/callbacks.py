@@ -52,8 +52,9 @@ class _PhaseClock:
 
 
 class EpochTimer(L.Callback):
-    """Measures train and validation time per epoch (CUDA-synchronised), loader wait
-    time and images/s; logs one line per epoch and keeps the records for the summary."""
+    """Measures train and validation time per epoch, loader wait time and images/s; logs one
+    line per epoch and keeps the records for the summary. CUDA is synchronised at phase
+    boundaries only, so the loader and the model overlap as they do in a normal run."""
 
     def __init__(self) -> None:
         self.epochs: list[dict] = []
@@ -75,7 +76,6 @@ class EpochTimer(L.Callback):
         self._train.batch_start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _sync(pl_module)
         self._train.batch_end(batch_size(batch))
 
     # validation (runs inside the training epoch, before on_train_epoch_end)
@@ -93,26 +93,30 @@ class EpochTimer(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._val is not None and not trainer.sanity_checking:
-            _sync(pl_module)
             self._val.batch_end(batch_size(batch))
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # After every on_validation_epoch_end (the module computes the metrics there).
         if trainer.sanity_checking or self._val is None:
             return
+        _sync(pl_module)
         self._current.update(self._val.result("val"))
         self._val = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._train is not None and "train_seconds" not in self._current:
+            _sync(pl_module)
             self._current.update(self._train.result("train"))
         record = dict(self._current)
         metrics = trainer.callback_metrics
         if "train/loss_epoch" in metrics:
             record["train_loss"] = round(float(metrics["train/loss_epoch"]), 5)
-        for key in ("val/loss", "val/hmean", "val/cleval_precision", "val/cleval_recall",
-                    "val/iou_precision", "val/iou_recall", "val/iou_hmean"):
-            if key in metrics:
-                record[key.replace("/", "_")] = round(float(metrics[key]), 5)
+        # callback_metrics keeps the last validation's values: copy them only for an epoch that validated.
+        if "val_seconds" in record:
+            for key in ("val/loss", "val/hmean", "val/cleval_precision", "val/cleval_recall",
+                        "val/iou_precision", "val/iou_recall", "val/iou_hmean"):
+                if key in metrics:
+                    record[key.replace("/", "_")] = round(float(metrics[key]), 5)
         record["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         self.epochs.append(record)
         for logger in trainer.loggers:

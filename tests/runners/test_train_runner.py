@@ -36,7 +36,7 @@ def test_train_improves_loss_and_writes_summary(tiny_root, tmp_path):
         "train.py", f"data.root={tiny_root}", f"hydra.run.dir={out}", "exp_name=tiny",
         "trainer.max_epochs=4", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "model.optimizer.lr=0.003", "model.scheduler.warmup_epochs=0", "trainer.precision=32-true",
-        *COMMON, cwd=tmp_path,
+        "trainer.check_val_every_n_epoch=2", *COMMON, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
@@ -44,9 +44,11 @@ def test_train_improves_loss_and_writes_summary(tiny_root, tmp_path):
     losses = [e["train_loss"] for e in summary["epochs"]]
     assert len(losses) == 4
     assert losses[-1] < 0.8 * losses[0], losses
-    first = summary["epochs"][0]
-    assert first["train_images"] == 8 and first["val_images"] == 4
+    first, second = summary["epochs"][:2]
+    assert first["train_images"] == 8 and second["val_images"] == 4
     assert first["train_seconds"] > 0 and first["train_img_s"] > 0
+    # validation every 2nd epoch: an epoch without validation carries no (stale) val figures
+    assert [("val_seconds" in e, "val_hmean" in e) for e in summary["epochs"]] == [(False, False), (True, True)] * 2
     assert set(summary["final_metrics"]["val"]) == {"cleval", "iou"}
     assert summary["precision"] == "32-true"
     assert summary["config"]["data"]["root"] == str(tiny_root)

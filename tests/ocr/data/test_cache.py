@@ -357,6 +357,20 @@ def test_preload_decoded_keeps_eval_pixels_identical(data_a, fresh_a, caplog):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_probe_respects_the_per_process_memory_cap():
+    device = torch.device("cuda", torch.cuda.current_device())
+    uncapped, total = MemoryProbe().gpu(device)
+    torch.cuda.set_per_process_memory_fraction(0.1, device)
+    try:
+        capped, _ = MemoryProbe().gpu(device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    assert capped <= 0.1 * total < uncapped
+    assert capped >= 0.1 * total - torch.cuda.memory_reserved(device) - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("store", ["gpu", "pinned"])
 def test_gpu_and_pinned_stores_record_complete_device_batches(data_a, fresh_a, store):
     class CudaTrainer:
