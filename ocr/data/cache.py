@@ -95,8 +95,8 @@ class EntryWriter:
         return sum(f["bytes"] for f in self.files.values())
 
     def commit(self, manifest: dict) -> bool:
-        """Publish the entry; False when another process published the same key first
-        (its entry is then used and ours discarded)."""
+        """Publish the entry; False when it could not be (another process published the same
+        key first, or an old entry could not be replaced): ours is then discarded."""
         now = time.time()
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": self.files, "bytes": self.nbytes,
                     "created_unix": now, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
@@ -106,15 +106,18 @@ class EntryWriter:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; an entry is as shared as its cache dir
-        try:
-            os.rename(self.tmp, self.final)
-        except OSError:
-            if (self.final / MANIFEST).is_file():
-                self.abort()
-                return False
-            raise
-        self.done = True
-        return True
+        for attempt in range(2):
+            try:
+                os.rename(self.tmp, self.final)
+                self.done = True
+                return True
+            except OSError:
+                if attempt or (self.final / MANIFEST).is_file():
+                    break
+                # a directory without a manifest is not an entry (an interrupted removal): replace it
+                shutil.rmtree(self.final, ignore_errors=True)
+        self.abort()
+        return False
 
     def abort(self) -> None:
         if not self.done:
@@ -411,7 +414,6 @@ class _MemoryEntry:
         self.store = store  # gpu | pinned | host
         self.batches: list[dict] = []
         self.nbytes = 0
-        self.exhausted = False  # the loader ended before the expected number of batches
 
     @property
     def num_batches(self) -> int:
@@ -463,10 +465,6 @@ class _DiskEntry:
     @property
     def num_batches(self) -> int:
         return int(self.manifest["num_batches"])
-
-    @property
-    def exhausted(self) -> bool:
-        return bool(self.manifest.get("exhausted", False))
 
     @property
     def nbytes(self) -> int:
@@ -610,7 +608,7 @@ class BatchCache:
         if counted:
             self._check_key()
         entry = self.entry
-        if entry is not None and (entry.num_batches >= num_batches or entry.exhausted):
+        if entry is not None and entry.num_batches >= num_batches:
             return self._replay(loader, entry, min(num_batches, entry.num_batches), counted, epoch)
         return self._from_loader(loader, num_batches, counted, epoch)
 
@@ -720,20 +718,25 @@ class BatchCache:
             return _DiskEntryWriter(entry_path(self.cache_dir, self.key))
         return _MemoryEntry(self.store)
 
-    def _commit(self, recording, count: int, exhausted: bool) -> None:
+    def _commit(self, recording, count: int) -> None:
         if isinstance(recording, _DiskEntryWriter):
-            manifest = {**self.key.to_manifest(), "num_batches": count, "exhausted": exhausted,
+            manifest = {**self.key.to_manifest(), "num_batches": count,
                         "num_samples": sum(len(n) for n in recording.names), "names": recording.names}
-            if recording.writer.commit(manifest):
-                log.info("%s tensor cache: wrote %s (%d batches, %s)", self.split, recording.writer.final, count,
-                         gb(recording.nbytes))
             path = recording.writer.final
+            published = recording.writer.commit(manifest)
             try:
-                self.entry = _DiskEntry(path, read_manifest(path))
+                manifest = read_manifest(path)
+                # someone else's entry is trusted only after the same check as at start-up
+                problems = [] if published else verify_entry(path, manifest, checksums=True)
+                if problems:
+                    raise CacheEntryError(f"{path}: " + "; ".join(problems[:3]))
             except CacheEntryError as exc:
-                log.warning("Tensor cache entry could not be reopened after writing it: %s", exc)
+                log.warning("%s tensor cache: could not publish this pass (%s); it will be recorded again", self.split, exc)
+                return
+            if published:
+                log.info("%s tensor cache: wrote %s (%d batches, %s)", self.split, path, count, gb(recording.nbytes))
+            self.entry = _DiskEntry(path, manifest)
             return
-        recording.exhausted = exhausted
         self.entry = recording
         log.info("%s tensor cache: recorded %d batches into %s memory (%s)", self.split, count, recording.store,
                  gb(recording.nbytes))
@@ -760,18 +763,19 @@ class BatchCache:
                     self.stats.record(False, int(batch["images"].shape[0]))
                 if count == n:
                     if record:
-                        self._commit(recording, count, exhausted=False)
+                        self._commit(recording, count)
                         committed = True
                     if counted:
                         self.stats.end_pass(self.store if record else "loader")
                 yield batch
             if count < n and count > 0:
-                # the loader ended early: that is the whole pass
+                # Both loaders know their exact length: an early end means something went wrong,
+                # and a partial recording replayed later would score part of the split.
                 if record:
-                    self._commit(recording, count, exhausted=True)
-                    committed = True
+                    log.warning("%s tensor cache: the loader ended after %d of %d batches; not recording this pass",
+                                self.split, count, n)
                 if counted:
-                    self.stats.end_pass(self.store if record else "loader")
+                    self.stats.end_pass("loader")
         finally:
             if recording is not None and not committed and isinstance(recording, _DiskEntryWriter):
                 recording.writer.abort()

@@ -131,6 +131,38 @@ def test_only_complete_passes_are_recorded(data_a):
     assert [p["action"] for p in dm.cache_stats()["val"]["tensors"]["passes"]] == ["record", "record", "replay"]
 
 
+class ShortLoader(CountingLoader):
+    """Claims the real length but ends one batch early (a loader that went wrong)."""
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader):
+            if i == len(self.loader) - 1:
+                return
+            yield b
+
+
+def test_a_pass_that_ends_early_is_not_recorded(data_a, tmp_path, caplog):
+    for store in ("host", "disk"):
+        dm, loader = val_loader(data_a, f"{VAL}.cache_config.store={store}", f"{VAL}.cache_config.cache_dir={tmp_path}")
+        loader.loader = ShortLoader(loader.loader)
+        caplog.clear()
+        assert len(list(loader)) == 2
+        assert not loader.cache.ready and "ended after 2 of 3 batches; not recording" in caplog.text
+        assert not entry_path(tmp_path, loader.cache.key).exists()
+
+
+def test_a_leftover_entry_directory_without_manifest_is_replaced(data_a, fresh_a, tmp_path):
+    opts = (f"{VAL}.cache_config.store=disk", f"{VAL}.cache_config.cache_dir={tmp_path}")
+    _dm, loader = val_loader(data_a, *opts)
+    path = entry_path(tmp_path, loader.cache.key)
+    path.mkdir(parents=True)
+    (path / "batch_00000.pt").write_bytes(b"half-deleted")  # e.g. an interrupted removal
+    recorded = list(loader)
+    assert loader.cache.ready and verify_entry(path, read_manifest(path)) == []
+    for a, b in zip(fresh_a, recorded):
+        assert_batches_equal(a, b)
+
+
 def test_limit_batches_is_part_of_the_key(data_a):
     assert num_batches_for(3, 50) == 3 and num_batches_for(3, 2) == 2
     assert num_batches_for(10, 0.5) == 5 and num_batches_for(3, 1.0) == 3
