@@ -29,6 +29,7 @@ from ocr.data.maps import MapFiller, MapStore, maps_key
 from ocr.data.memory import STORES, MemoryProbe, choose_store, gb, host_store_name
 from ocr.data.preload import fits_in_host, preload_source
 from ocr.data.source import SampleSource
+from ocr.data.targets import TARGETS_VERSION
 from ocr.data.transforms import ColorJitter, TransformParams
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,8 @@ class OCRDataModule(L.LightningDataModule):
                 "dataset": dataset,
                 "annotations": annotations,
                 "transforms": transform_params(self.cfg.data, train=False).describe(),
-                "targets": {k: float(v) for k, v in target_kwargs(self.cfg.data).items()},
+                "targets": {**{k: float(v) for k, v in target_kwargs(self.cfg.data).items()},
+                            "targets_version": TARGETS_VERSION},
                 "loader": loader,
                 "format": {"format_version": FORMAT_VERSION, "kind": "tensors"},
             },

@@ -36,6 +36,7 @@ from ocr.data.batch import TARGET_KEY_OF, TARGET_KEYS
 from ocr.data.cache import (MANIFEST, CacheEntryError, EntryWriter, entry_path, read_file_verified, read_manifest,
                             rebuild_reason, remove_tree, touch_last_used, verify_entry)
 from ocr.data.cache_key import FORMAT_VERSION, CacheKey
+from ocr.data.targets import TARGETS_VERSION
 from ocr.data.transforms import TRANSFORMS_VERSION
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def maps_key(split: str, dataset: tuple[dict, dict], annotations: tuple[dict, di
             "dataset": dataset[0],
             "annotations": annotations[0],
             "transforms": {"image_size": int(image_size), "geometry": "eval", "transforms_version": TRANSFORMS_VERSION},
-            "targets": {**{k: float(v) for k, v in target_kwargs.items()}, "generator": generator},
+            "targets": {**{k: float(v) for k, v in target_kwargs.items()}, "generator": generator,
+                        "targets_version": TARGETS_VERSION},
             "format": {"format_version": FORMAT_VERSION, "kind": "maps"},
         },
         info={"dataset": dataset[1], "annotations": annotations[1]},

@@ -71,6 +71,10 @@ import numpy as np
 import pyclipper
 import torch
 
+# Bump when either implementation changes the maps it produces for the same polygons and
+# parameters: it is part of the key of cached batches and of precomputed maps.
+TARGETS_VERSION = 1
+
 __all__ = [
     "ARC_TOLERANCE_PX",
     "CLIPPER_SCALE",

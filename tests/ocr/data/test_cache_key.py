@@ -90,6 +90,10 @@ def test_transforms_version_and_format_version_are_in_the_key(data_a, base_key, 
     params = T.TransformParams().describe()
     monkeypatch.setattr(T, "TRANSFORMS_VERSION", T.TRANSFORMS_VERSION + 1)
     assert T.TransformParams().describe() != params
+    monkeypatch.undo()
+    assert base_key.components["targets"]["targets_version"] >= 1
+    monkeypatch.setattr("ocr.data.datamodule.TARGETS_VERSION", base_key.components["targets"]["targets_version"] + 1)
+    assert key_of(data_a).changes_since(base_key)[0].startswith("targets changed (targets_version")
 
 
 def test_switching_image_path_to_another_dataset(data_a, data_b, base_key):
