@@ -32,6 +32,7 @@ import torch
 __all__ = ["DBPostProcessor"]
 
 _CLIPPER_SCALE = 1024.0  # fixed-point scale for pyclipper (1/1024 px precision)
+MIN_ORIGINAL_AREA = 1.0  # px^2 in the original image: less is a detection outside the image
 
 
 def _to_numpy(x: Any, dtype=np.float32) -> np.ndarray:
@@ -157,6 +158,8 @@ class DBPostProcessor:
                 continue
             pts, score = res
             pts = self._to_original(pts, inv, oh, ow)
+            if abs(cv2.contourArea(pts)) < MIN_ORIGINAL_AREA:
+                continue  # found in the padding: clipped flat onto the image border
             polys.append(pts)
             scores.append(score)
         return polys, scores

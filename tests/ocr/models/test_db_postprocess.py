@@ -113,6 +113,16 @@ def test_clipped_to_original_size() -> None:
     assert _bounds(polys[0])[2] == 32.0
 
 
+def test_detections_in_the_padding_are_dropped() -> None:
+    # a 64x32 (h, w) original scaled 1:1 onto a 64x64 canvas: columns 32-63 are padding
+    prob = np.zeros((64, 64), np.float32)
+    prob[10:30, 2:28] = 0.9  # on the image
+    prob[40:60, 46:62] = 0.9  # in the padding, even after unclipping
+    polys, scores = DBPostProcessor()(prob[None], np.eye(3)[None], [(64, 32)])[0]
+    assert len(polys) == len(scores) == 1
+    assert _bounds(polys[0])[0] < 5 and _bounds(polys[0])[2] == 32.0  # the one on the image, clipped to it
+
+
 def test_all_zero_map_and_batch() -> None:
     probs = np.stack([np.zeros((96, 96), np.float32), _two_rects(96, 200)[:, :96]])[:, None]
     out = DBPostProcessor()(torch.from_numpy(probs))
