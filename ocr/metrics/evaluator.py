@@ -61,12 +61,13 @@ class DetectionEvaluator:
         self.reset()
 
     def reset(self) -> None:
-        self._iou = IoUCounts()
+        self._iou = IoUCounts()  # images added without a key
         self._cleval = CLEvalCounts()
         self._num_images = 0
+        self._by_key: dict[str, tuple[IoUCounts, CLEvalCounts]] = {}  # images added with a key
 
     def __len__(self) -> int:
-        return self._num_images
+        return self._num_images + len(self._by_key)
 
     def add(
         self,
@@ -74,12 +75,15 @@ class DetectionEvaluator:
         gt_ignore: Sequence[bool],
         pred_polygons: Sequence[np.ndarray],
         gt_texts: Sequence[str] | None = None,
+        key: str | None = None,
     ) -> None:
         """Add one image. Polygons are (N, 2) arrays (N >= 4 expected) in the same pixel frame.
 
         ``gt_ignore[i]`` marks GT word i as don't-care. ``gt_texts`` (optional) gives CLEval the
         character count of each GT word; without it (or for an empty text) the count is estimated
-        from the word's aspect ratio.
+        from the word's aspect ratio. An image added with a ``key`` (its file name) counts once
+        however often it is added here or in merged evaluators: DDP pads each rank's shard by
+        repeating samples.
         """
         gt_polygons = list(gt_polygons)
         gt_ignore = [bool(x) for x in gt_ignore]
@@ -90,33 +94,50 @@ class DetectionEvaluator:
             gt_texts = list(gt_texts)
             if len(gt_texts) != len(gt_polygons):
                 raise ValueError(f"gt_texts has {len(gt_texts)} entries for {len(gt_polygons)} GT polygons")
-        self._num_images += 1
-        if not gt_polygons and not pred_polygons:
+        if key is not None and key in self._by_key:
             return
-        self._iou += iou_image_counts(
-            gt_polygons, gt_ignore, pred_polygons, self.iou_threshold, self.dont_care_overlap
-        )
-        self._cleval += cleval_image_counts(gt_polygons, gt_ignore, pred_polygons, gt_texts)
+        iou, cleval = IoUCounts(), CLEvalCounts()
+        if gt_polygons or pred_polygons:
+            iou = iou_image_counts(gt_polygons, gt_ignore, pred_polygons, self.iou_threshold, self.dont_care_overlap)
+            cleval = cleval_image_counts(gt_polygons, gt_ignore, pred_polygons, gt_texts)
+        if key is not None:
+            self._by_key[key] = (iou, cleval)
+            return
+        self._num_images += 1
+        self._iou += iou
+        self._cleval += cleval
 
     def merge(self, other: "DetectionEvaluator") -> None:
         """Add the counts of another evaluator (e.g. one per data-loader worker / rank)."""
         self._iou += other._iou
         self._cleval += other._cleval
         self._num_images += other._num_images
+        for key, value in other._by_key.items():
+            self._by_key.setdefault(key, value)
+
+    def _totals(self) -> tuple[IoUCounts, CLEvalCounts]:
+        iou, cleval = IoUCounts(), CLEvalCounts()
+        iou += self._iou
+        cleval += self._cleval
+        for image_iou, image_cleval in self._by_key.values():
+            iou += image_iou
+            cleval += image_cleval
+        return iou, cleval
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{"cleval": {"precision", "recall", "hmean"}, "iou": {...}}`` as Python floats."""
-        iou = self._iou
+        iou, cleval = self._totals()
         iou_p = iou.num_matched / iou.num_det if iou.num_det else 0.0
         iou_r = iou.num_matched / iou.num_gt if iou.num_gt else 0.0
         return {
-            "cleval": _prf(self._cleval.precision(), self._cleval.recall()),
+            "cleval": _prf(cleval.precision(), cleval.recall()),
             "iou": _prf(iou_p, iou_r),
         }
 
     def counts(self) -> dict[str, dict[str, float]]:
         """The raw summed counts (for logging / debugging)."""
-        return {"cleval": dict(vars(self._cleval)), "iou": dict(vars(self._iou)), "images": self._num_images}
+        iou, cleval = self._totals()
+        return {"cleval": dict(vars(cleval)), "iou": dict(vars(iou)), "images": len(self)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ class RunSummary(L.Callback):
         }
 
     def write(self, pl_module) -> None:
+        if pl_module.global_rank != 0:  # one file per run; under DDP its timings are rank 0's
+            return
         write_json_atomic(self.path, self.payload(pl_module))
 
     def on_fit_end(self, trainer, pl_module) -> None:

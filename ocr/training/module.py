@@ -63,7 +63,7 @@ class DBNetModule(L.LightningModule):
         results = self.postprocess(preds["prob_map"], batch["matrices"], batch["orig_sizes"])
         evaluator = self.evaluators[split]
         for i, (polygons, _scores) in enumerate(results):
-            evaluator.add(batch["polygons"][i], batch["ignore"][i], polygons)
+            evaluator.add(batch["polygons"][i], batch["ignore"][i], polygons, key=batch["names"][i])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -180,6 +180,20 @@ def test_merge_equals_single_evaluator():
     assert a.compute() == one.compute() and len(a) == 2
 
 
+def test_an_image_repeated_across_ranks_counts_once():
+    # DDP pads a rank's shard by repeating samples: image "x" is scored on both ranks
+    one, rank0, rank1 = DetectionEvaluator(), DetectionEvaluator(), DetectionEvaluator()
+    for ev in (one, rank0):
+        ev.add([A, B], [False, False], [A], key="a.jpg")
+    for ev in (one, rank1):
+        ev.add([C], [False], [C, D], key="x.jpg")
+    rank0.add([C], [False], [C, D], key="x.jpg")
+    rank1.add([C], [False], [C, D], key="x.jpg")  # twice on one rank too
+    rank0.merge(rank1)
+    assert len(rank0) == 2 and rank0.compute() == one.compute()
+    assert rank0.counts() == one.counts()
+
+
 def test_iou_threshold_is_strict_and_configurable():
     shifted = box(30, 10)  # IoU with A = 80*25 / (120*25) = 2/3
     assert iou_image_counts([A], [False], [shifted]).num_matched == 1
