@@ -156,6 +156,7 @@ class PostprocessConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     pretrained: bool = False
+    init_from: Optional[str] = None  # a training checkpoint whose weights start this run (fine-tuning)
     inner_channels: int = 64  # FPN width (the DB paper: 256); the backbone dominates the cost
     k: int = 50
     channels_last: bool = True  # NHWC convolutions: 10-30% faster on CPU and with AMP on GPU

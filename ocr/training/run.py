@@ -144,6 +144,8 @@ def train(cfg: DictConfig) -> Path:
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = DBNetModule(OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.model.init_from:
+        _init_weights(module, cfg.model.init_from, resuming=bool(cfg.ckpt_path))
 
     validate = cfg.trainer.limit_val_batches not in (0, 0.0)
     timer = EpochTimer()
@@ -173,6 +175,28 @@ def train(cfg: DictConfig) -> Path:
     log.info("Best checkpoint: %s", checkpoint.best_model_path or checkpoint.last_model_path)
     log.info("Run summary: %s", summary_path)
     return summary_path
+
+
+def _init_weights(module: DBNetModule, ckpt_path: str, resuming: bool) -> None:
+    """Start from another run's weights (e.g. pretrained on the synthetic receipts, then
+    fine-tuned on real data); the optimizer, schedule and epoch count start fresh."""
+    if resuming:
+        raise ConfigError("model.init_from and ckpt_path: give one (ckpt_path resumes a run, init_from starts a new one from its weights)")
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one clear error
+        raise ConfigError(f"model.init_from: {path} is not a training checkpoint ({type(exc).__name__}: {exc})") from exc
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, not torch's header
+        raise ConfigError(f"model.init_from: {path} does not fit this model (model.backbone and "
+                          f"model.inner_channels must match the run that wrote it): {detail}") from exc
+    log.info("Model weights initialised from %s (model.init_from; optimizer, schedule and epochs start fresh)", path)
 
 
 def _load_module(ckpt_path: str | None) -> DBNetModule:

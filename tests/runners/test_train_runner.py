@@ -55,6 +55,19 @@ def test_train_improves_loss_and_writes_summary(tiny_root, tmp_path):
     assert summary["hardware"]["cpu_cores_usable"] >= 1
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
+    # a new run starts from its weights (fine-tuning): the first epoch's loss is far below a fresh start
+    proc = _run("train.py", f"data.root={tiny_root}", f"hydra.run.dir={tmp_path / 'finetune'}",
+                f"model.init_from={out / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=1",
+                "trainer.limit_train_batches=2", "trainer.limit_val_batches=0", "trainer.precision=32-true",
+                "model.scheduler.warmup_epochs=0", *COMMON, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Model weights initialised from" in proc.stderr + proc.stdout
+    finetuned = json.loads((tmp_path / "finetune" / "run_summary.json").read_text())
+    assert finetuned["epochs"][0]["train_loss"] < 0.8 * losses[0]
+    proc = _run("train.py", f"data.root={tiny_root}", f"hydra.run.dir={tmp_path / 'misfit'}", "model.inner_channels=32",
+                f"model.init_from={out / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=1", *COMMON, cwd=tmp_path)
+    assert proc.returncode != 0 and "does not fit this model" in proc.stderr and "Traceback" not in proc.stderr
+
     # the checkpoint evaluates through the test runner and predicts through the predict runner
     test_out = tmp_path / "test"
     proc = _run("test.py", f"data.root={tiny_root}", f"hydra.run.dir={test_out}",
