@@ -7,32 +7,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from small_data import VAL, compose_small, tiny_dataset
 
-from ocr.config import register_configs
-from ocr.data.cache import (CacheStats, CachedLoader, deserialize_batch, entry_path, num_batches_for, read_manifest,
-                            serialize_batch, verify_entry)
+from ocr.data.cache import (
+    CachedLoader,
+    CacheStats,
+    deserialize_batch,
+    entry_path,
+    num_batches_for,
+    read_manifest,
+    serialize_batch,
+    verify_entry,
+)
 from ocr.data.datamodule import DataConfigError, OCRDataModule
 from ocr.data.memory import GB, MemoryProbe, choose_store
-from ocr.data.synthetic import generate_dataset
-
-REPO = Path(__file__).resolve().parents[3]
-VAL = "datasets.val_dataset.config"
 
 
 def compose_cfg(root, *overrides, name="train"):
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
-        return compose(config_name=name, overrides=[
-            f"data.root={root}", "data.image_size=64", "data.targets.min_text_size=3", "loader.batch_size=2",
-            "loader.eval_batch_size=2", "loader.num_workers=0", "loader.backend=cpu", "loader.device=cpu",
-            f"{VAL}.load_maps=false", *overrides, "output_dir=/tmp/unused"])
+    return compose_small(root, f"{VAL}.load_maps=false", *overrides, name=name)
 
 
 def val_loader(root, *overrides, probe=None, stage="fit"):
@@ -70,16 +67,12 @@ class CountingLoader:
 
 @pytest.fixture(scope="module")
 def data_a(tmp_path_factory):
-    root = tmp_path_factory.mktemp("a") / "receipts"
-    generate_dataset(root, num_train=2, num_val=5, num_test=1, seed=1, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, "a", seed=1, num_val=5, num_train=2)
 
 
 @pytest.fixture(scope="module")
 def data_b(tmp_path_factory):
-    root = tmp_path_factory.mktemp("b") / "receipts"
-    generate_dataset(root, num_train=1, num_val=5, num_test=1, seed=2, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, "b", seed=2, num_val=5)
 
 
 @pytest.fixture(scope="module")

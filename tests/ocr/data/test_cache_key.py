@@ -5,28 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from small_data import VAL, compose_small, tiny_dataset
 
-from ocr.config import register_configs
 from ocr.data import cache_key
 from ocr.data.datamodule import OCRDataModule
-from ocr.data.synthetic import generate_dataset
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def compose_cfg(root, *overrides):
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
-        return compose(config_name="train", overrides=[
-            f"data.root={root}", "data.image_size=64", "data.targets.min_text_size=3", "loader.batch_size=2",
-            "loader.eval_batch_size=2", "loader.num_workers=0", "loader.backend=cpu", "loader.device=cpu",
-            "datasets.val_dataset.config.load_maps=false", *overrides, "output_dir=/tmp/unused"])
+    return compose_small(root, f"{VAL}.load_maps=false", *overrides)
 
 
 def key_of(root, *overrides, num_batches=2):
@@ -37,16 +27,12 @@ def key_of(root, *overrides, num_batches=2):
 
 @pytest.fixture(scope="module")
 def data_a(tmp_path_factory):
-    root = tmp_path_factory.mktemp("a") / "receipts"
-    generate_dataset(root, num_train=1, num_val=4, num_test=1, seed=1, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, "a", seed=1, num_val=4)
 
 
 @pytest.fixture(scope="module")
 def data_b(tmp_path_factory):
-    root = tmp_path_factory.mktemp("b") / "receipts"
-    generate_dataset(root, num_train=1, num_val=4, num_test=1, seed=2, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, "b", seed=2, num_val=4)
 
 
 @pytest.fixture(scope="module")

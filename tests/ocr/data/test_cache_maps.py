@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from small_data import REPO, SMALL, VAL, compose_small, tiny_dataset
 
-from ocr.config import register_configs
 from ocr.data.batch import TARGET_KEYS
-from ocr.data.maps import MapFiller
 from ocr.data.datamodule import OCRDataModule
-from ocr.data.synthetic import generate_dataset
-
-REPO = Path(__file__).resolve().parents[3]
-VAL = "datasets.val_dataset.config"
-COMMON = ["data.image_size=64", "data.targets.min_text_size=3", "loader.eval_batch_size=2", "loader.batch_size=2",
-          "loader.num_workers=0", "loader.backend=cpu", "loader.device=cpu"]
+from ocr.data.maps import MapFiller
 
 
 def _script():
@@ -34,11 +26,8 @@ pp = _script()
 
 
 def compose_cfg(root, cache_dir, *overrides):
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
-        return compose(config_name="train", overrides=[
-            f"data.root={root}", *COMMON, f"{VAL}.cache_config.cache_dir={cache_dir}",
-            f"{VAL}.cache_config.cache_transformed_tensors=false", *overrides, "output_dir=/tmp/unused"])
+    return compose_small(root, f"{VAL}.cache_config.cache_dir={cache_dir}",
+                         f"{VAL}.cache_config.cache_transformed_tensors=false", *overrides)
 
 
 def val_batches(root, cache_dir, *overrides):
@@ -50,9 +39,7 @@ def val_batches(root, cache_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("m") / "receipts"
-    generate_dataset(root, num_train=1, num_val=4, num_test=1, seed=6, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, "m", seed=6, num_val=4)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def computed(data, tmp_path_factory):
 
 
 def test_maps_written_by_the_cli_replace_on_the_fly_targets(data, computed, tmp_path, caplog):
-    args = ["maps", "--split", "val", "--cache-dir", str(tmp_path), f"data.root={data}", *COMMON]
+    args = ["maps", "--split", "val", "--cache-dir", str(tmp_path), f"data.root={data}", *SMALL]
     assert pp.main(["-q", *args]) == 0
     entries = list((tmp_path / "maps").iterdir())
     assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
@@ -85,7 +72,7 @@ def test_maps_written_by_the_cli_replace_on_the_fly_targets(data, computed, tmp_
 
 
 def test_a_damaged_map_is_computed_on_the_fly_and_counted(data, computed, tmp_path, caplog):
-    assert pp.main(["-q", "maps", "--split", "val", "--cache-dir", str(tmp_path), f"data.root={data}", *COMMON]) == 0
+    assert pp.main(["-q", "maps", "--split", "val", "--cache-dir", str(tmp_path), f"data.root={data}", *SMALL]) == 0
     entry = next((tmp_path / "maps").iterdir())
     victim = entry / "000002.npz"
     raw = bytearray(victim.read_bytes())
@@ -102,7 +89,7 @@ def test_a_damaged_map_is_computed_on_the_fly_and_counted(data, computed, tmp_pa
 
 
 def test_no_maps_for_the_key_means_full_fallback(data, computed, tmp_path, caplog):
-    assert pp.main(["-q", "maps", "--split", "val", "--cache-dir", str(tmp_path), f"data.root={data}", *COMMON]) == 0
+    assert pp.main(["-q", "maps", "--split", "val", "--cache-dir", str(tmp_path), f"data.root={data}", *SMALL]) == 0
     caplog.set_level(logging.INFO)
     # another image size: the maps written above do not match, and the log says why
     _dm, loader, batches = val_batches(data, tmp_path, f"{VAL}.load_maps=true", "data.image_size=96")

@@ -9,35 +9,24 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from small_data import VAL, compose_small, tiny_dataset
 
-from ocr.config import register_configs
-from ocr.data.synthetic import generate_dataset
 from ocr.training.run import train
 
-REPO = Path(__file__).resolve().parents[3]
-VAL = "datasets.val_dataset.config"
 METRICS = ("val_loss", "val_hmean", "val_cleval_precision", "val_cleval_recall", "val_iou_precision", "val_iou_recall",
            "val_iou_hmean")
 
 
 def run(root, out, *overrides) -> dict:
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
-        cfg = compose(config_name="train", overrides=[
-            f"data.root={root}", "data.image_size=64", "data.targets.min_text_size=3", "loader.batch_size=2",
-            "loader.eval_batch_size=2", "loader.num_workers=0", "loader.backend=cpu", "loader.device=cpu",
-            "model.inner_channels=16", "trainer.max_epochs=2", "trainer.limit_train_batches=1",
-            "trainer.precision=32-true", "trainer.enable_progress_bar=false",
-            "model.scheduler.warmup_epochs=0", "seed=7", f"{VAL}.load_maps=false", *overrides, f"output_dir={out}"])
+    cfg = compose_small(root, "model.inner_channels=16", "trainer.max_epochs=2", "trainer.limit_train_batches=1",
+                        "trainer.precision=32-true", "trainer.enable_progress_bar=false", "model.scheduler.warmup_epochs=0",
+                        "seed=7", f"{VAL}.load_maps=false", *overrides, output_dir=out)
     return json.loads(Path(train(cfg)).read_text())
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("d") / "receipts"
-    generate_dataset(root, num_train=2, num_val=6, num_test=1, seed=4, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, "d", seed=4, num_val=6, num_train=2)
 
 
 def test_cached_validation_is_identical_and_cheap(data, tmp_path):
