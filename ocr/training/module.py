@@ -27,22 +27,26 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int, name: str, min_lr_
 
 
 class DBNetModule(L.LightningModule):
-    def __init__(self, model_cfg: dict):
+    def __init__(self, model_cfg: dict, eval_data: dict | None = None):
+        """``eval_data``: the evaluation input settings of the training run (``image_size``,
+        ``mean``, ``std``), kept in the checkpoint so that test/predict can check theirs."""
         super().__init__()
-        self.save_hyperparameters({"model_cfg": model_cfg})
+        self.save_hyperparameters({"model_cfg": model_cfg, "eval_data": eval_data})
         cfg = model_cfg
         self.model = DBNet(backbone=cfg["backbone"], pretrained=cfg["pretrained"], inner_channels=cfg["inner_channels"], k=cfg["k"])
         loss = cfg["loss"]
         self.loss = DBLoss(alpha=loss["alpha"], beta=loss["beta"], negative_ratio=loss["ohem_ratio"])
-        pp = cfg["postprocess"]
-        self.postprocess = DBPostProcessor(
-            thresh=pp["thresh"], box_thresh=pp["box_thresh"], unclip_ratio=pp["unclip_ratio"],
-            max_candidates=pp["max_candidates"], min_size=pp["min_size"], output=pp["output"],
-        )
+        self.set_postprocess(cfg["postprocess"])
         self.memory_format = torch.channels_last if cfg.get("channels_last", False) else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.evaluators = {"val": DetectionEvaluator(), "test": DetectionEvaluator()}
         self.last_metrics: dict[str, dict] = {}
+
+    def set_postprocess(self, pp: dict) -> None:
+        self.postprocess = DBPostProcessor(
+            thresh=pp["thresh"], box_thresh=pp["box_thresh"], unclip_ratio=pp["unclip_ratio"],
+            max_candidates=pp["max_candidates"], min_size=pp["min_size"], output=pp["output"],
+        )
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images.contiguous(memory_format=self.memory_format))

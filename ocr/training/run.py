@@ -143,7 +143,7 @@ def train(cfg: DictConfig) -> Path:
     datamodule = OCRDataModule(cfg, splits=("train", "val"))
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = DBNetModule(OmegaConf.to_container(cfg.model, resolve=True))
+    module = DBNetModule(OmegaConf.to_container(cfg.model, resolve=True), eval_data=_eval_data(cfg))
     if cfg.model.init_from:
         _init_weights(module, cfg.model.init_from, resuming=bool(cfg.ckpt_path))
 
@@ -199,19 +199,44 @@ def _init_weights(module: DBNetModule, ckpt_path: str, resuming: bool) -> None:
     log.info("Model weights initialised from %s (model.init_from; optimizer, schedule and epochs start fresh)", path)
 
 
-def _load_module(ckpt_path: str | None) -> DBNetModule:
-    if not ckpt_path:
+def _eval_data(cfg: DictConfig) -> dict:
+    return {"image_size": int(cfg.data.image_size), "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+
+
+def _differences(given: dict, saved: dict, keys) -> list[str]:
+    return [f"{k} {saved[k]} -> {given[k]}" for k in keys if k in saved and k in given and given[k] != saved[k]]
+
+
+def _load_module(cfg: DictConfig) -> DBNetModule:
+    """The checkpoint's model, post-processed as this command's ``model.postprocess`` says;
+    a ``model.*`` architecture key or an evaluation input setting that differs from the
+    training run is one warning (the checkpoint's architecture is what runs)."""
+    if not cfg.ckpt_path:
         raise ConfigError("ckpt_path is required (ckpt_path=outputs/<exp>/<time>/checkpoints/last.ckpt)")
-    path = Path(ckpt_path)
+    path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path: checkpoint {path} not found")
-    return DBNetModule.load_from_checkpoint(str(path), map_location="cpu")
+    module = DBNetModule.load_from_checkpoint(str(path), map_location="cpu")
+    saved = module.hparams.model_cfg
+    given = OmegaConf.to_container(cfg.model, resolve=True)
+    changed = _differences(given, saved, ("backbone", "inner_channels", "k"))
+    if changed:
+        log.warning("model.* differs from the checkpoint (%s): the checkpoint's architecture is used", ", ".join(changed))
+    changed = _differences(given["postprocess"], saved["postprocess"], sorted(given["postprocess"]))
+    module.set_postprocess(given["postprocess"])
+    if changed:
+        log.info("Post-processing from this command's model.postprocess, not the checkpoint's: %s", ", ".join(changed))
+    changed = _differences(_eval_data(cfg), module.hparams.get("eval_data") or {}, ("image_size", "mean", "std"))
+    if changed:
+        log.warning("data.* differs from the run that trained this checkpoint (%s): results may be worse than its "
+                    "validation; pass the training run's values (e.g. data.image_size=...) to match it", ", ".join(changed))
+    return module
 
 
 def test(cfg: DictConfig) -> dict:
     """Evaluate a checkpoint on ``cfg.split``; returns {"cleval": {...}, "iou": {...}}."""
     output_dir, precision = _common_setup(cfg)
-    module = _load_module(cfg.ckpt_path)
+    module = _load_module(cfg)
     split = cfg.split
     if split not in ("val", "test"):
         raise ConfigError(f"split: expected val or test, got {split!r}")
@@ -244,7 +269,7 @@ def predict(cfg: DictConfig) -> Path:
     from ocr.data.source import SampleSource
 
     output_dir, precision = _common_setup(cfg)
-    module = _load_module(cfg.ckpt_path)
+    module = _load_module(cfg)
     if not cfg.input_dir:
         raise ConfigError("input_dir is required (input_dir=path/to/images)")
     folder = Path(cfg.input_dir)

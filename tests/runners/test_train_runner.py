@@ -75,6 +75,17 @@ def test_train_improves_loss_and_writes_summary(tiny_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(metrics) == {"cleval", "iou"} and 0.0 <= metrics["cleval"]["hmean"] <= 1.0
+    assert "differs" not in proc.stderr + proc.stdout
+    # the command's post-processing is used (and said); an input size unlike training's is a warning
+    proc = _run("test.py", f"data.root={tiny_root}", f"hydra.run.dir={tmp_path / 'test2'}",
+                f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", *COMMON, "data.image_size=96",
+                "model.postprocess.box_thresh=0.99", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stderr + proc.stdout
+    assert "not the checkpoint's: box_thresh 0.6 -> 0.99" in log
+    assert "data.* differs from the run that trained this checkpoint (image_size 128 -> 96)" in log
+    strict = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert strict["iou"]["precision"] <= metrics["iou"]["precision"] or strict["iou"]["recall"] <= metrics["iou"]["recall"]
 
     pred_json = tmp_path / "pred.json"
     proc = _run("predict.py", f"hydra.run.dir={tmp_path / 'pred'}", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
