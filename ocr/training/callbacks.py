@@ -183,9 +183,10 @@ class RunSummary(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.status = "finished"
-        if trainer.checkpoint_callback is not None:
-            self.extra["best_checkpoint"] = trainer.checkpoint_callback.best_model_path or None
-            self.extra["last_checkpoint"] = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
+        callbacks = trainer.checkpoint_callbacks  # the best epoch first, then last.ckpt (ocr.training.run)
+        if callbacks:
+            self.extra["best_checkpoint"] = callbacks[0].best_model_path or None
+            self.extra["last_checkpoint"] = callbacks[-1].best_model_path or None
         self.write(pl_module)
 
     def on_test_end(self, trainer, pl_module) -> None:

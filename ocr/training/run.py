@@ -151,15 +151,10 @@ def train(cfg: DictConfig) -> Path:
     timer = EpochTimer()
     summary_path = output_dir / "run_summary.json"
     summary = RunSummary(summary_path, timer, _static_summary(cfg, output_dir, precision, datamodule))
-    checkpoint = ModelCheckpoint(
-        dirpath=str(output_dir / "checkpoints"),
-        filename="epoch{epoch:02d}-hmean{val/hmean:.4f}" if validate else "epoch{epoch:02d}",
-        auto_insert_metric_name=False,
-        monitor="val/hmean" if validate else None,
-        mode="max",
-        save_last=True,
-    )
-    callbacks = [timer, CacheStatistics(datamodule, summary, timer), summary, checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    checkpoints = _checkpoint_callbacks(output_dir / "checkpoints", validate)
+    checkpoint = checkpoints[0]
+    callbacks = [timer, CacheStatistics(datamodule, summary, timer), summary, *checkpoints,
+                 LearningRateMonitor(logging_interval="epoch")]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // 2)))
     trainer = build_trainer(cfg, output_dir, precision, callbacks, build_loggers(cfg, output_dir), validate)
@@ -172,9 +167,21 @@ def train(cfg: DictConfig) -> Path:
             final["cleval"]["precision"], final["cleval"]["recall"], final["cleval"]["hmean"],
             final["iou"]["precision"], final["iou"]["recall"], final["iou"]["hmean"],
         )
-    log.info("Best checkpoint: %s", checkpoint.best_model_path or checkpoint.last_model_path)
+    log.info("Best checkpoint: %s", checkpoint.best_model_path)
     log.info("Run summary: %s", summary_path)
     return summary_path
+
+
+def _checkpoint_callbacks(folder: Path, validate: bool) -> list[ModelCheckpoint]:
+    """The best epoch by validation hmean, and ``last.ckpt`` rewritten every epoch. (Lightning's
+    ``save_last`` copies only epochs that were saved, so beside a best-only callback it would
+    keep the best epoch under the name ``last``.)"""
+    if not validate:
+        return [ModelCheckpoint(dirpath=str(folder), filename="last", enable_version_counter=False)]
+    best = ModelCheckpoint(dirpath=str(folder), filename="epoch{epoch:02d}-hmean{val/hmean:.4f}",
+                           auto_insert_metric_name=False, monitor="val/hmean", mode="max")
+    last = ModelCheckpoint(dirpath=str(folder), filename="last", enable_version_counter=False)
+    return [best, last]
 
 
 def _init_weights(module: DBNetModule, ckpt_path: str, resuming: bool) -> None:

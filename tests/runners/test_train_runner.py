@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ocr.data.synthetic import generate_dataset
 
@@ -53,7 +54,9 @@ def test_train_improves_loss_and_writes_summary(tiny_root, tmp_path):
     assert summary["precision"] == "32-true"
     assert summary["config"]["data"]["root"] == str(tiny_root)
     assert summary["hardware"]["cpu_cores_usable"] >= 1
-    assert (out / "checkpoints" / "last.ckpt").is_file()
+    last = out / "checkpoints" / "last.ckpt"
+    assert summary["last_checkpoint"] == str(last) and Path(summary["best_checkpoint"]).is_file()
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3  # the last epoch, not the best
 
     # a new run starts from its weights (fine-tuning): the first epoch's loss is far below a fresh start
     proc = _run("train.py", f"data.root={tiny_root}", f"hydra.run.dir={tmp_path / 'finetune'}",
