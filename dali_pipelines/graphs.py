@@ -17,8 +17,10 @@ conventions measured in ``tests/dali_pipelines``:
   padding is ``-mean / std``.
 
 Outputs (both graphs): images float ``[3, S, S]`` (normalised, CHW, on ``device``), then
-the pass-through sample data (index, M, lengths, ignore) and the network-pixel vertices
-from ``fn.coord_transform`` (CPU).
+the pass-through sample data computed by the source (CPU): index, M, the network-pixel
+vertices, lengths, ignore flags and the packed DB target geometry. The polygons are
+transformed in the source, not with ``fn.coord_transform``, because the target geometry
+(shrink, packing) needs them there, in the external-source workers, off the training thread.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 
-from dali_pipelines.source import SOURCE_DTYPES, SOURCE_NDIMS, DaliBatchSource
+from dali_pipelines.source import PASS_THROUGH, SOURCE_DTYPES, SOURCE_NDIMS, DaliBatchSource
 from ocr.data.transforms import TransformParams
 
-OUTPUTS = ("images", "index", "matrix", "net_vertices", "lengths", "ignore")
+OUTPUTS = ("images", *PASS_THROUGH)
 DEVICES = ("cpu", "gpu")
 
 
@@ -49,7 +51,11 @@ def _inputs(source: DaliBatchSource, parallel: bool, prefetch: int) -> dict:
 def _decode(encoded, device: str):
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    return fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if device == "gpu":
+        # fancy upsampling: the GPU decoder's chroma upsampling then matches libjpeg's (the CPU decoders'),
+        # so both backends agree on colour edges
+        return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True)
+    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
 
 
 def _normalize(images, params: TransformParams, crop: int | None = None):
@@ -70,8 +76,7 @@ def _antialiased_resize(images, inp):
 
 
 def _sample_outputs(inp):
-    net_vertices = fn.coord_transform(inp["vertices"], MT=inp["mt"])
-    return inp["index"], inp["matrix"], net_vertices, inp["lengths"], inp["ignore"]
+    return tuple(inp[name] for name in PASS_THROUGH)
 
 
 def eval_graph(source: DaliBatchSource, params: TransformParams, device: str = "gpu", parallel: bool = False,

@@ -7,6 +7,10 @@ when the next one starts: the external-source workers stop producing it, the bat
 already in flight are run out, and the pipeline is reset (DALI resets only at the end of
 an epoch).
 
+The per-sample work, including each sample's DB target geometry, is done by the source
+(``dali_pipelines.source``) in the external-source workers; turning a batch's outputs into
+a Batch is array concatenation plus rendering the targets.
+
 On the CPU (``device="cpu"``) the pipeline is driven, and each batch's outputs turned into
 a Batch with its DB targets, by one helper thread that works one batch ahead of the
 consumer; its torch ops run single-threaded (OpenMP's thread count is per calling
@@ -26,8 +30,9 @@ import torch
 
 from dali_pipelines.graphs import OUTPUTS, build_pipeline
 from dali_pipelines.source import DaliBatchSource, EpochControl
-from ocr.data.batch import attach_targets
+from ocr.data.batch import GEOMETRY_KEY, attach_targets
 from ocr.data.sampling import PlannedLoader
+from ocr.data.targets import DEFAULT_TILE, GEOMETRY_ARRAYS, geometry_from_arrays, merge_geometries
 from ocr.data.transforms import TransformParams
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,11 @@ class DaliLoader(PlannedLoader):
     def __init__(self, source, params: TransformParams, target_kwargs: dict, batch_size: int, shuffle: bool,
                  drop_last: bool, seed: int, with_targets: bool = True, device: str = "cpu", num_threads: int = 2,
                  parallel: bool = False, py_num_workers: int = 1, prefetch: int = 2, rank: int | None = None,
-                 world_size: int | None = None, device_id: int | None = None):
+                 world_size: int | None = None, device_id: int | None = None, render_targets: bool = True,
+                 helper_thread: bool | None = None):
+        """``render_targets=False``: batches carry the target geometry (``GEOMETRY_KEY``) and the
+        consumer renders (``ocr.data.batch.attach_targets``). ``helper_thread``: drive the pipeline
+        from one helper thread (default: on the CPU only, see the module docstring)."""
         super().__init__(len(source), batch_size, shuffle, drop_last, seed, rank, world_size)
         self.source = source
         self.params = params
@@ -55,6 +64,8 @@ class DaliLoader(PlannedLoader):
         self.py_num_workers = py_num_workers
         self.prefetch = prefetch
         self.device_id = device_id
+        self.render_targets = render_targets
+        self.helper_thread = device == "cpu" if helper_thread is None else bool(helper_thread)
         self._control: EpochControl | None = None
         self._pipe = None
         self._pipe_epoch = 0  # DALI's epoch index of the pipeline's current epoch
@@ -97,7 +108,7 @@ class DaliLoader(PlannedLoader):
 
     # ------------------------------------------------------------------ internals
     def _executor(self) -> ThreadPoolExecutor | None:
-        if self.device != "cpu":
+        if not self.helper_thread:
             return None
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="dali-loader", initializer=torch.set_num_threads,
@@ -122,7 +133,8 @@ class DaliLoader(PlannedLoader):
     def _pipeline(self):
         if self._pipe is None:
             self._control = EpochControl()
-            callback = DaliBatchSource(self.source, self.params, self.plan, self._control)
+            callback = DaliBatchSource(self.source, self.params, self.plan, self._control,
+                                       self.target_kwargs if self.with_targets else None)
             device_id = self.device_id
             if device_id is None and self.device == "gpu":
                 device_id = torch.cuda.current_device()
@@ -157,6 +169,8 @@ class DaliLoader(PlannedLoader):
         return self._to_batch(outputs)
 
     def _to_batch(self, out: dict) -> dict:
+        """DALI outputs -> Batch: array views and concatenations only (the per-polygon work was done
+        by the source, in the external-source workers); then the targets, unless deferred."""
         images = self._images(out["images"])
         index = out["index"].as_array().reshape(-1)
         matrices = np.ascontiguousarray(out["matrix"].as_array(), dtype=np.float64)
@@ -166,7 +180,6 @@ class DaliLoader(PlannedLoader):
         samples = [self.source.samples[int(i)] for i in index]
         net_polygons = []
         for verts, lens in zip(net_vertices, lengths):
-            verts = verts.reshape(-1, 2)
             net_polygons.append(list(np.split(verts, np.cumsum(lens)[:-1])) if len(lens) else [])
         batch = {
             "images": images,
@@ -174,11 +187,16 @@ class DaliLoader(PlannedLoader):
             "orig_sizes": torch.tensor([self.source.sizes[int(i)] for i in index], dtype=torch.int64),
             "polygons": [list(s.polygons) for s in samples],
             "net_polygons": net_polygons,
-            "ignore": [[bool(v) for v in flags] for flags in ignore],
+            "ignore": [flags.astype(bool).tolist() for flags in ignore],
             "names": [s.name for s in samples],
         }
         if self.with_targets:
-            attach_targets(batch, self.target_kwargs)
+            size = self.params.output_size
+            columns = [_to_numpy_list(out[name]) for name in GEOMETRY_ARRAYS]
+            batch[GEOMETRY_KEY] = merge_geometries(
+                [geometry_from_arrays(arrays, size, size, DEFAULT_TILE) for arrays in zip(*columns)])
+            if self.render_targets:
+                attach_targets(batch, self.target_kwargs)
         return batch
 
     def _images(self, tensor_list) -> torch.Tensor:

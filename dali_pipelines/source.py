@@ -4,8 +4,11 @@ The callback runs in DALI's parallel external-source workers (``parallel=True``,
 ``py_start_method="spawn"``) or in the loader's own process. It does the cheap,
 Python-side part of a sample: the encoded bytes, the geometry ``M`` (built by the same
 ``ocr.data.transforms.sample_matrix`` the CPU backend uses), the parameters derived from
-it (antialiasing resize, residual warp, colour jitter) and the polygons as one vertex
-array plus per-polygon lengths and ignore flags. Pixels are then the graph's business.
+it (antialiasing resize, residual warp, colour jitter), the polygons in network pixels as one
+vertex array plus per-polygon lengths and ignore flags (the same ``geometry.transform_polygons``
+the CPU backend uses), and the sample's DB target geometry (``ocr.data.targets``: shrink
+distances, shrunk polygons, packed edges), so that the training thread only concatenates and
+renders. Pixels are then the graph's business.
 
 Which samples form batch ``i`` of an epoch is decided by :class:`EpochPlan` alone (seed,
 epoch, rank, world size), so every process computes the same batches without talking to
@@ -25,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ocr.data import geometry
+from ocr.data.batch import sample_geometry
 from ocr.data.sampling import EpochPlan, sample_rng
+from ocr.data.targets import GEOMETRY_ARRAYS, GEOMETRY_DTYPES, geometry_to_arrays
 from ocr.data.transforms import TransformParams, draw_jitter, sample_matrix
 from ocr.shm import SHM_DIR, remove_stale_files
 
@@ -36,20 +41,23 @@ SOURCE_OUTPUTS = (
     "encoded",  # uint8 (bytes,): the file's bytes
     "index",  # int64 (1,): sample index in the SampleSource
     "matrix",  # float64 (3, 3): M, original pixels -> network pixels
-    "mt",  # float32 (2, 3): M's affine rows, for fn.coord_transform
-    "vertices",  # float32 (V, 2): all polygons' vertices, original pixels
+    "net_vertices",  # float32 (V, 2): all polygons' vertices, network pixels (geometry.transform_polygons)
     "lengths",  # int32 (P,): vertices per polygon
     "ignore",  # uint8 (P,): don't-care flags
+    *GEOMETRY_ARRAYS,  # the sample's packed DB target geometry (ocr.data.targets.geometry_to_arrays); empty without targets
     "resize_size",  # float32 (2,): (h, w) after the antialiasing resize
     "resize_roi",  # float32 (2,): (h, w) of the source region that maps onto it (keeps the exact scale)
     "warp",  # float32 (2, 3): residual warp, destination -> source (DALI's inverse map)
     "jitter",  # float32 (3,): brightness, contrast, saturation factors
 )
-SOURCE_DTYPES = ("uint8", "int64", "float64", "float32", "float32", "int32", "uint8", "float32", "float32", "float32",
-                 "float32")
-SOURCE_NDIMS = (1, 1, 2, 2, 2, 1, 1, 1, 1, 2, 1)
+SOURCE_DTYPES = ("uint8", "int64", "float64", "float32", "int32", "uint8", *GEOMETRY_DTYPES, "float32", "float32",
+                 "float32", "float32")
+SOURCE_NDIMS = (1, 1, 2, 2, 1, 1, 2, 2, 2, 2, 1, 1, 2, 1)
 #: The evaluation graph neither warps nor jitters.
-EVAL_OUTPUTS = SOURCE_OUTPUTS[:9]
+EVAL_OUTPUTS = SOURCE_OUTPUTS[:12]
+#: What the graphs pass through to the loader unchanged (CPU outputs).
+PASS_THROUGH = SOURCE_OUTPUTS[1:10]
+_NO_GEOMETRY = (np.zeros((0, 2)), np.zeros((0, 4), np.int64), np.zeros((0, 6)), np.zeros((0, 3), np.int64))
 
 
 def source_outputs(train: bool) -> tuple[str, ...]:
@@ -132,11 +140,14 @@ class DaliBatchSource:
     number of worker processes can compute batches in any order. Raises ``StopIteration``
     past the plan's last batch and for abandoned epochs."""
 
-    def __init__(self, source, params: TransformParams, plan: EpochPlan, control: EpochControl):
+    def __init__(self, source, params: TransformParams, plan: EpochPlan, control: EpochControl,
+                 target_kwargs: dict | None = None):
+        """``target_kwargs``: compute each sample's DB target geometry here (None: no targets)."""
         self.source = source
         self.params = params
         self.plan = plan
         self.control = control
+        self.target_kwargs = None if target_kwargs is None else dict(target_kwargs)
         self.outputs = source_outputs(params.train)
         self._order_epoch: int | None = None
         self._order: np.ndarray | None = None
@@ -185,19 +196,24 @@ class DaliBatchSource:
         size, roi = resize_geometry(height, width, resize_scale)
         residual = matrix @ geometry.scale_matrix(1.0 / resize_scale)
         warp = np.linalg.inv(residual)[:2]
-        polygons = sample.polygons
-        if polygons:
-            vertices = np.concatenate([np.asarray(p, dtype=np.float32).reshape(-1, 2) for p in polygons])
+        net_polygons = geometry.transform_polygons(matrix, sample.polygons)
+        if net_polygons:
+            net_vertices = np.concatenate(net_polygons).astype(np.float32, copy=False)
         else:
-            vertices = np.zeros((0, 2), dtype=np.float32)
+            net_vertices = np.zeros((0, 2), dtype=np.float32)
+        geometry_arrays = _NO_GEOMETRY
+        if self.target_kwargs is not None:
+            map_size = params.output_size
+            geometry_arrays = geometry_to_arrays(sample_geometry(net_polygons, sample.ignore, map_size,
+                                                                 self.target_kwargs))
         return (
             self.source.encoded_array(index),
             np.array([index], dtype=np.int64),
             np.asarray(matrix, dtype=np.float64),
-            np.asarray(matrix[:2], dtype=np.float32),
-            vertices,
-            np.array([len(p) for p in polygons], dtype=np.int32),
+            net_vertices,
+            np.array([len(p) for p in sample.polygons], dtype=np.int32),
             np.array(sample.ignore, dtype=np.uint8),
+            *geometry_arrays,
             np.array(size, dtype=np.float32),
             np.array(roi, dtype=np.float32),
             warp.astype(np.float32),

@@ -13,6 +13,8 @@ A Batch is a plain dict:
   matrices      float64 [B,3,3], the M of each sample
   orig_sizes    int64 [B,2], (h, w)
   names         list of str
+  target_geometry  (until the targets are rendered) the batch's packed DB target geometry,
+                prepared per sample by the loader workers (``ocr.data.targets``)
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ TARGET_KEYS = ("prob_maps", "prob_masks", "thresh_maps", "thresh_masks")
 TARGET_KEY_OF = {"prob_map": "prob_maps", "prob_mask": "prob_masks", "thresh_map": "thresh_maps", "thresh_mask": "thresh_masks"}
 TENSOR_KEYS = ("images", "matrices", "orig_sizes") + TARGET_KEYS
 LIST_KEYS = ("polygons", "net_polygons", "ignore", "names")
+#: Batch key of the packed target geometry (``ocr.data.targets.DBTargetGeometry``) that the loader
+#: workers prepared; consumed (popped) when the targets are rendered.
+GEOMETRY_KEY = "target_geometry"
+#: ``target_kwargs`` entries that shape the geometry (the rest shape the rendered maps).
+GEOMETRY_KWARGS = ("shrink_ratio", "min_text_size")
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -70,32 +77,54 @@ def collate_samples(samples: list[dict], mean=IMAGENET_MEAN, std=IMAGENET_STD) -
     if "prob_maps" in samples[0]:
         for key in TARGET_KEYS:
             batch[key] = torch.from_numpy(np.stack([s[key] for s in samples])[:, None])
+    elif GEOMETRY_KEY in samples[0]:
+        from ocr.data.targets import merge_geometries
+
+        batch[GEOMETRY_KEY] = merge_geometries([s[GEOMETRY_KEY] for s in samples])
     return batch
 
 
+def geometry_kwargs(target_kwargs: dict) -> dict:
+    return {k: target_kwargs[k] for k in GEOMETRY_KWARGS if k in target_kwargs}
+
+
+def render_kwargs(target_kwargs: dict) -> dict:
+    return {k: v for k, v in target_kwargs.items() if k not in GEOMETRY_KWARGS}
+
+
+def sample_geometry(net_polygons, ignore, size: int, target_kwargs: dict):
+    """The host half of one sample's targets, computed where its pixels are (loader workers)."""
+    from ocr.data.targets import prepare_sample_geometry
+
+    return prepare_sample_geometry(net_polygons, ignore, size, size, **geometry_kwargs(target_kwargs))
+
+
 def attach_targets(batch: dict, target_kwargs: dict) -> dict:
-    """Compute the DB targets of a whole batch with the vectorised implementation on
-    the device of ``batch["images"]`` (CPU or CUDA) from its network-pixel polygons."""
-    from ocr.data.targets import make_db_targets_batch
+    """Render the DB targets of a whole batch with the vectorised implementation on the device of
+    ``batch["images"]`` (CPU or CUDA), from the geometry the workers prepared (``GEOMETRY_KEY``,
+    removed from the batch) or, without it, from its network-pixel polygons."""
+    from ocr.data.targets import pack_db_geometry, render_db_targets
 
     images = batch["images"]
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    geom = batch.pop(GEOMETRY_KEY, None)
+    if geom is None:
+        geom = pack_db_geometry(batch["net_polygons"], batch["ignore"], h, w, **geometry_kwargs(target_kwargs))
     out = None
     if images.device.type == "cpu":
         out = {k: _empty((b, 1, h, w), torch.float32) for k in TARGET_KEY_OF}
-    maps = make_db_targets_batch(batch["net_polygons"], batch["ignore"], h, w, device=images.device, out=out,
-                                 **target_kwargs)
+    maps = render_db_targets(geom, images.device, out=out, **render_kwargs(target_kwargs))
     batch.update({TARGET_KEY_OF[k]: v for k, v in maps.items()})
     return batch
 
 
 def needs_targets(batch: dict) -> bool:
-    return "prob_maps" not in batch and "net_polygons" in batch
+    return "prob_maps" not in batch and (GEOMETRY_KEY in batch or "net_polygons" in batch)
 
 
 class Collator:
-    """collate_samples (normalising with ``mean``/``std``), then (``vectorized``) the batch's
-    targets in the same worker."""
+    """collate_samples (normalising with ``mean``/``std``; the items' target geometries merged into the
+    batch's), then (``vectorized``) the batch's targets in the same worker."""
 
     def __init__(self, target_mode: str, target_kwargs: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.target_mode = target_mode

@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ocr.data import geometry
-from ocr.data.batch import TARGET_KEY_OF, Collator
+from ocr.data.batch import GEOMETRY_KEY, TARGET_KEY_OF, Collator, sample_geometry
+from ocr.data.geometry import transform_polygons
 from ocr.data.sampling import PlannedLoader, sample_rng
 from ocr.data.source import SampleSource
 from ocr.data.targets import make_db_targets
@@ -37,15 +38,6 @@ from ocr.data.transforms import TransformParams, render_decoded, render_sample, 
 log = logging.getLogger(__name__)
 
 TARGET_MODES = ("reference", "vectorized", "deferred")
-
-
-def transform_polygons(matrix: np.ndarray, polygons) -> list[np.ndarray]:
-    """``geometry.transform_points`` of every polygon, in one vectorised pass."""
-    if not polygons:
-        return []
-    lengths = [len(p) for p in polygons]
-    points = geometry.transform_points(matrix, np.concatenate([np.asarray(p).reshape(-1, 2) for p in polygons]))
-    return np.split(points, np.cumsum(lengths)[:-1])
 
 
 class ValidatedOCRDataset(Dataset):
@@ -67,8 +59,9 @@ class ValidatedOCRDataset(Dataset):
         self.params = params
         self.with_targets = with_targets
         self.target_kwargs = dict(target_kwargs or {})
-        # reference: per sample here; vectorized: per batch in the collate (same worker);
-        # deferred: per batch on the model's device after the transfer.
+        # reference: per sample here; vectorized: geometry per sample here, maps per batch in the
+        # collate (same worker); deferred: geometry per sample here, maps per batch on the model's
+        # device after the transfer (the training thread only renders).
         self.target_mode = target_mode
         self.seed = seed
         self.epoch = 0
@@ -121,10 +114,13 @@ class ValidatedOCRDataset(Dataset):
             "ignore": list(sample.ignore),
             "names": sample.name,
         }
-        if self.with_targets and self.target_mode == "reference":
+        if self.with_targets:
             size = self.params.output_size
-            targets = make_db_targets(net_polygons, list(sample.ignore), size, size, **self.target_kwargs)
-            item.update({TARGET_KEY_OF[k]: v for k, v in targets.items()})
+            if self.target_mode == "reference":
+                targets = make_db_targets(net_polygons, list(sample.ignore), size, size, **self.target_kwargs)
+                item.update({TARGET_KEY_OF[k]: v for k, v in targets.items()})
+            else:  # vectorized / deferred: the geometry here, the maps per batch (collate or device)
+                item[GEOMETRY_KEY] = sample_geometry(net_polygons, sample.ignore, size, self.target_kwargs)
         return item
 
     def __getitem__(self, index: int) -> dict:

@@ -52,8 +52,9 @@ Notes on the two implementations
 
 Performance notes
 -----------------
-:func:`pack_db_geometry` (host; ~10 us per polygon, dominated by ``prepare_polygons``) can run in
-DataLoader workers (:func:`prepare_polygons` per sample, :func:`pack_prepared` in the collate function).
+:func:`pack_db_geometry` (host; ~10 us per polygon, dominated by ``prepare_polygons``) runs where the pixels
+are prepared: :func:`prepare_sample_geometry` per image in the loader workers (DALI: its external-source
+workers, which hand the arrays on as pipeline outputs), :func:`merge_geometries` (concatenation) per batch.
 :func:`render_db_targets` copies the packed arrays to the device once, then runs ~10 kernels per chunk of
 ``chunk_elems`` pixel evaluations plus ~40 others, without host synchronisation (``fill_method="dense"``,
 the CUDA default). On a CPU it runs single-threaded torch ops on cache-sized chunks; on a small, busy
@@ -79,6 +80,11 @@ __all__ = [
     "ARC_TOLERANCE_PX",
     "CLIPPER_SCALE",
     "DBTargetGeometry",
+    "GEOMETRY_ARRAYS",
+    "geometry_from_arrays",
+    "geometry_to_arrays",
+    "merge_geometries",
+    "prepare_sample_geometry",
     "PreparedPolygon",
     "boundary_distance",
     "make_db_targets",
@@ -583,9 +589,11 @@ def pack_prepared(
             dist_polys.append(p.points)
             dists.append(p.distance)
             dist_images.append(img)
-    n_channels = 2 if any(ch == 1 for _, _, ch in fill) else 1
     packed_fill = _pack_fill([f[0] for f in fill], [f[2] * batch + f[1] for f in fill], height)
     packed_dist = _pack_distance(dist_polys, dists, dist_images, height, width, tile)
+    # a plane of ignored polygons only when one of their edges crosses a row of the map (an empty one
+    # would change no pixel): the count then follows from the packed edges alone (merge_geometries)
+    n_channels = 2 if (packed_fill["fill_plane"] >= batch).any() else 1
     return DBTargetGeometry(
         batch_size=batch,
         height=height,
@@ -623,6 +631,81 @@ def pack_db_geometry(
         for i in range(batch)
     ]
     return pack_prepared(prepared, height, width, tile=tile)
+
+
+def prepare_sample_geometry(
+    polygons: Sequence[PolygonLike],
+    ignore: Sequence[bool] | None,
+    height: int,
+    width: int,
+    shrink_ratio: float = 0.4,
+    min_text_size: float = 8,
+    *,
+    tile: int = DEFAULT_TILE,
+) -> DBTargetGeometry:
+    """The host half for one image (a geometry of batch size 1): what the loader workers and DALI's
+    external source compute next to the pixels, so that the training thread only has
+    :func:`merge_geometries` (array concatenation) and :func:`render_db_targets` left."""
+    return pack_db_geometry([polygons], [ignore], height, width, shrink_ratio, min_text_size, tile=tile)
+
+
+_FILL_FIELDS = ("fill_x", "fill_slope", "fill_row0", "fill_rows", "fill_plane", "fill_weight")
+_SEG_FIELDS = ("seg_float", "seg_first", "seg_blocks", "seg_tiles")
+
+
+def merge_geometries(parts: Sequence[DBTargetGeometry]) -> DBTargetGeometry:
+    """Per-image geometries (batch size 1 each, same map size and tile) -> the batch's geometry: the
+    same arrays :func:`pack_db_geometry` builds for the whole batch (a few concatenations)."""
+    if not parts:
+        raise ValueError("merge_geometries needs at least one image")
+    first = parts[0]
+    for g in parts:
+        if g.batch_size != 1 or (g.height, g.width, g.tile) != (first.height, first.width, first.tile):
+            raise ValueError(
+                f"merge_geometries: every part must be one image of {first.height}x{first.width} (tile "
+                f"{first.tile}), got batch {g.batch_size} of {g.height}x{g.width} (tile {g.tile})"
+            )
+    batch = len(parts)
+    fill_counts = np.fromiter((len(g.fill_x) for g in parts), dtype=np.int64, count=batch)
+    seg_counts = np.fromiter((len(g.seg_first) for g in parts), dtype=np.int64, count=batch)
+    fields = {name: np.concatenate([getattr(g, name) for g in parts]) for name in _FILL_FIELDS + _SEG_FIELDS}
+    image = np.repeat(np.arange(batch, dtype=np.int64), fill_counts)
+    fields["fill_plane"] = fields["fill_plane"] * batch + image  # channel * batch + image
+    image = np.repeat(np.arange(batch, dtype=np.int64), seg_counts)
+    fields["seg_first"] = fields["seg_first"] + image * (first.height * first.blocks_per_row)
+    n_channels = 2 if any(g.n_channels > 1 for g in parts) else 1
+    return DBTargetGeometry(batch_size=batch, height=first.height, width=first.width, n_channels=n_channels,
+                            tile=first.tile, **fields)
+
+
+#: The arrays of a one-image geometry as DALI's external source hands them on (fixed dtypes, ndim 2).
+GEOMETRY_ARRAYS = ("geom_fill_f", "geom_fill_i", "geom_seg_f", "geom_seg_i")
+GEOMETRY_DTYPES = ("float64", "int64", "float64", "int64")
+
+
+def geometry_to_arrays(geom: DBTargetGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One image's geometry as four 2-D arrays (see :data:`GEOMETRY_ARRAYS`)."""
+    if geom.batch_size != 1:
+        raise ValueError(f"geometry_to_arrays takes one image, got a batch of {geom.batch_size}")
+    fill_f = np.stack([geom.fill_x, geom.fill_slope], axis=1).astype(np.float64).reshape(-1, 2)
+    fill_i = np.stack([geom.fill_row0, geom.fill_rows, geom.fill_plane, geom.fill_weight], axis=1)
+    seg_i = np.stack([geom.seg_first, geom.seg_blocks, geom.seg_tiles], axis=1)
+    return (fill_f, fill_i.astype(np.int64).reshape(-1, 4), geom.seg_float.astype(np.float64).reshape(-1, 6),
+            seg_i.astype(np.int64).reshape(-1, 3))
+
+
+def geometry_from_arrays(arrays: Sequence[np.ndarray], height: int, width: int, tile: int) -> DBTargetGeometry:
+    """Inverse of :func:`geometry_to_arrays`."""
+    fill_f, fill_i, seg_f, seg_i = (np.asarray(a) for a in arrays)
+    fill_f, fill_i = fill_f.reshape(-1, 2), fill_i.reshape(-1, 4)
+    seg_f, seg_i = seg_f.reshape(-1, 6), seg_i.reshape(-1, 3)
+    return DBTargetGeometry(
+        batch_size=1, height=int(height), width=int(width), tile=int(tile),
+        n_channels=2 if (fill_i[:, 2] >= 1).any() else 1,
+        fill_x=fill_f[:, 0], fill_slope=fill_f[:, 1], fill_row0=fill_i[:, 0], fill_rows=fill_i[:, 1],
+        fill_plane=fill_i[:, 2], fill_weight=fill_i[:, 3],
+        seg_float=seg_f, seg_first=seg_i[:, 0], seg_blocks=seg_i[:, 1], seg_tiles=seg_i[:, 2],
+    )
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
@@ -752,7 +835,27 @@ def _draw_distances(
         torch.mul(cols, normal_c[c, None], out=n)
         n.add_(normal0[c, None])
         a.mul_(a).addcmul_(n, n)  # (s * dist / D)**2
-        canvas.scatter_reduce_(0, segment[c, None].expand(-1, tile), a, reduce="amin")
+        with _order_independent_scatter(device):
+            canvas.scatter_reduce_(0, segment[c, None].expand(-1, tile), a, reduce="amin")
+
+
+class _order_independent_scatter:
+    """``scatter_reduce_(reduce="amin")`` raises on CUDA under ``torch.use_deterministic_algorithms(True)``
+    (PyTorch lists every CUDA scatter_reduce as nondeterministic). A minimum does not depend on the order
+    of its operands, so the result is deterministic: the check is suspended around that one call."""
+
+    def __init__(self, device: torch.device):
+        self.suspend = device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
+        self.warn_only = False
+
+    def __enter__(self) -> None:
+        if self.suspend:
+            self.warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+            torch.use_deterministic_algorithms(False)
+
+    def __exit__(self, *exc) -> None:
+        if self.suspend:
+            torch.use_deterministic_algorithms(True, warn_only=self.warn_only)
 
 
 def render_db_targets(

@@ -214,3 +214,69 @@ def test_cpu_backend_threads_and_worker_processes_give_the_same_eval_batches(val
     finally:
         threads.close()
         del procs
+
+
+def _forbid_geometry_in_this_thread(monkeypatch):
+    """prepare_polygons (the per-polygon target geometry) raises when the calling thread runs it."""
+    import threading
+
+    from ocr.data import targets
+
+    real, main = targets.prepare_polygons, (os.getpid(), threading.get_ident())
+    calls = {"workers": 0}
+
+    def guarded(*args, **kwargs):  # (a forked DataLoader worker inherits the patch and the thread id)
+        if (os.getpid(), threading.get_ident()) == main:
+            raise AssertionError("target geometry computed on the training thread")
+        calls["workers"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(targets, "prepare_polygons", guarded)
+    return calls
+
+
+def _maps(batch) -> dict:
+    from ocr.data.batch import TARGET_KEYS
+
+    return {k: batch[k] for k in TARGET_KEYS}
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_deferred_targets_leave_only_rendering_to_the_training_thread(monkeypatch, train_source, val_source, split):
+    """The GPU paths' host side, run here on the CPU: the CPU backend's deferred mode (loader threads
+    and worker processes) and the DALI loader without rendering (parallel external source) hand the
+    training thread the batch's packed geometry; rendering it gives the maps of the normal path."""
+    from ocr.data.batch import GEOMETRY_KEY, attach_targets
+    from ocr.data.dataset import make_cpu_loader
+
+    source = train_source if split == "train" else val_source
+    params = TransformParams(image_size=SIZE, train=split == "train")
+    kw = dict(batch_size=3, shuffle=split == "train", drop_last=False, seed=4)
+    want = list(ThreadedLoader(ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="vectorized"),
+                               num_threads=2, **kw))
+    calls = _forbid_geometry_in_this_thread(monkeypatch)
+    deferred = ThreadedLoader(ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="deferred"),
+                              num_threads=2, **kw)
+    procs = make_cpu_loader(ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="deferred",
+                                                seed=4), 3, shuffle=False, num_workers=1)
+    dali = DaliLoader(source, params, TARGET_KW, device="cpu", num_threads=2, parallel=True, py_num_workers=1,
+                      helper_thread=False, render_targets=False, **kw)
+    try:
+        got_threads, got_dali = list(deferred), list(dali)
+        assert calls["workers"] > 0  # the loader threads did it
+        for got in (got_threads, got_dali):
+            for a, b in zip(got, want, strict=True):
+                assert a["names"] == b["names"] and "prob_maps" not in a and GEOMETRY_KEY in a
+                attach_targets(a, TARGET_KW)
+                assert GEOMETRY_KEY not in a
+                for key, value in _maps(b).items():
+                    assert torch.equal(a[key], value), key
+        if split == "val":  # unshuffled: the DataLoader's order is the plan's
+            for a, b in zip(procs, want, strict=True):
+                assert GEOMETRY_KEY in a and "prob_maps" not in a
+                attach_targets(a, TARGET_KW)
+                for key, value in _maps(b).items():
+                    assert torch.equal(a[key], value), key
+    finally:
+        _close(deferred, dali)
+        del procs

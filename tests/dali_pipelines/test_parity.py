@@ -61,21 +61,18 @@ def test_eval_parity_with_cpu_backend(val_source, reduced_decode):
             assert got["ignore"] == want["ignore"]
             for pg, pw in zip(got["polygons"], want["polygons"]):
                 assert all(np.array_equal(a, b) for a, b in zip(pg, pw, strict=True))
+            # the same transform (geometry.transform_polygons) in both: the same float32 vertices
             for ng, nw in zip(got["net_polygons"], want["net_polygons"]):
-                assert all(a.shape == b.shape and np.abs(a - b).max() < 1e-3 for a, b in zip(ng, nw, strict=True))
+                assert all(a.dtype == b.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(ng, nw, strict=True))
             assert got["images"].shape == want["images"].shape == (len(got["names"]), 3, 160, 160)
             stats.append(_compare_images(got["images"], want["images"]))
             # padding is black (0 before normalisation) in both
             assert torch.allclose(got["images"][:, :, -1, -1], want["images"][:, :, -1, -1], atol=1e-5)
-            # targets from DALI's net polygons vs the CPU backend's: the same up to pixels whose
-            # centre sits within float32 rounding of a boundary
-            for key in ("prob_maps", "prob_masks", "thresh_masks"):
-                assert (got[key] != want[key]).float().mean() < 1e-3, key
-            assert (got["thresh_maps"] - want["thresh_maps"]).abs().mean() < 1e-4
-            # and given the same net polygons, exactly the same targets
-            same = attach_targets({**got, "net_polygons": want["net_polygons"]}, TARGET_KW)
+            # targets: the geometry prepared in DALI's external source and in the CPU backend's
+            # workers is the same, and so are the maps, bit for bit
             for key in ("prob_maps", "prob_masks", "thresh_maps", "thresh_masks"):
-                assert torch.equal(same[key], want[key]), key
+                assert torch.equal(got[key], want[key]), key
+            assert got["prob_maps"].sum() > 0
     finally:
         dali.close()
     # the tight tolerance holds without JPEG DCT-scaled decoding (DALI has none); with it the
@@ -99,9 +96,10 @@ def test_train_batches_draw_the_same_geometry_in_both_backends(train_source):
                 assert got["names"] == want["names"]
                 assert torch.equal(got["matrices"], want["matrices"])
                 for ng, nw in zip(got["net_polygons"], want["net_polygons"]):
-                    assert all(np.abs(a - b).max() < 1e-3 for a, b in zip(ng, nw, strict=True))
+                    assert all(np.array_equal(a, b) for a, b in zip(ng, nw, strict=True))
                 diffs.append(_compare_images(got["images"], want["images"]))
-                assert (got["prob_maps"] != want["prob_maps"]).float().mean() < 1e-3
+                for key in ("prob_maps", "prob_masks", "thresh_maps", "thresh_masks"):
+                    assert torch.equal(got[key], want[key]), key
             # same geometry and jitter; pixels differ by the resize filter, jitter rounding and
             # bilinear rounding
             assert max(d["mean"] for d in diffs) < 0.03, diffs

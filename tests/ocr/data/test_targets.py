@@ -12,11 +12,15 @@ from shapely.geometry import Polygon
 from ocr.data.targets import (
     DBTargetGeometry,
     boundary_distance,
+    geometry_from_arrays,
+    geometry_to_arrays,
     make_db_targets,
     make_db_targets_batch,
+    merge_geometries,
     pack_db_geometry,
     polygon_area_perimeter,
     prepare_polygons,
+    prepare_sample_geometry,
     render_db_targets,
 )
 
@@ -474,6 +478,69 @@ def test_pack_is_numpy_and_sized():
     assert isinstance(geom, DBTargetGeometry) and geom.blocks_per_row == 4
     assert geom.n_fill_crossings == geom.fill_rows.sum() > 0 and (geom.fill_rows > 0).all()
     assert geom.n_tiles == geom.seg_tiles.sum() > 0
+
+
+def _mixed_batch(seed: int, n: int = 5, h: int = 72, w: int = 104):
+    rng = np.random.default_rng(seed)
+    data = [random_image(rng, kind, h, w) for kind in ("mixed", "quads", "many", "mixed", "quads")[:n]]
+    polys, ignore = [d[0] for d in data], [d[1] for d in data]
+    polys[1] = []  # an image without text
+    ignore[1] = []
+    ignore[2] = [True] * len(polys[2])  # only don't-care words
+    return polys, ignore, h, w
+
+
+def test_per_sample_geometry_merges_into_the_batch_geometry():
+    """What the loader workers prepare per sample, concatenated on the training thread, is exactly the
+    batch geometry (so the maps are unchanged, TARGETS_VERSION with them)."""
+    polys, ignore, h, w = _mixed_batch(21)
+    whole = pack_db_geometry(polys, ignore, h, w, tile=16)
+    parts = [prepare_sample_geometry(p, i, h, w, tile=16) for p, i in zip(polys, ignore)]
+    merged = merge_geometries(parts)
+    assert (merged.batch_size, merged.n_channels) == (whole.batch_size, whole.n_channels) == (5, 2)
+    for name in ("fill_x", "fill_slope", "fill_row0", "fill_rows", "fill_plane", "fill_weight", "seg_float",
+                 "seg_first", "seg_blocks", "seg_tiles"):
+        assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
+    a, b = render_db_targets(merged), render_db_targets(whole)
+    for k in KEYS:
+        assert torch.equal(a[k], b[k]), k
+    # DALI transport: four arrays per sample and back, bit for bit
+    back = merge_geometries([geometry_from_arrays(geometry_to_arrays(g), h, w, 16) for g in parts])
+    c = render_db_targets(back)
+    for k in KEYS:
+        assert torch.equal(c[k], b[k]), k
+    with pytest.raises(ValueError, match="one image"):
+        merge_geometries([whole])
+    with pytest.raises(ValueError, match="one image"):
+        merge_geometries([parts[0], prepare_sample_geometry(polys[0], ignore[0], h + 1, w, tile=16)])
+
+
+def test_rendering_works_under_deterministic_algorithms():
+    polys, ignore, h, w = _mixed_batch(4)
+    want = make_db_targets_batch(polys, ignore, h, w)
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = make_db_targets_batch(polys, ignore, h, w)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for k in KEYS:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rendering_under_deterministic_algorithms_is_repeatable():
+    polys, ignore, h, w = _mixed_batch(8)
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        first = make_db_targets_batch(polys, ignore, h, w, device="cuda")
+        second = make_db_targets_batch(polys, ignore, h, w, device="cuda")
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for k in KEYS:
+        assert torch.equal(first[k], second[k]), k
 
 
 @pytest.mark.gpu
