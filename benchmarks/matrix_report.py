@@ -19,6 +19,10 @@ COLUMNS = [
 ]
 
 
+# peak GPU GB cells not from NVML's per-process figure are marked (see the note under the table)
+GPU_SOURCE_MARKS = {"nvml-device": " (device)", "torch-allocated": " (torch)"}
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -28,6 +32,18 @@ def _hit_rate(summary: dict) -> float | None:
     """Validation cache hit rate (%) over the epochs after the first (None: no cache)."""
     rate = _mean([e.get("val_cache_hit_rate") for e in summary.get("epochs", [])[1:]])
     return None if rate is None else 100.0 * rate
+
+
+def _peak_gpu(memory: dict) -> dict:
+    """Peak GPU memory of the run: the process's figure from NVML (torch's allocator, DALI's
+    pools, the CUDA context) where the summary has it, else torch's allocator peak."""
+    process = memory.get("peak_gpu_process_gb")
+    if process is not None:
+        source = memory.get("peak_gpu_process_source") or "nvml-process"
+    else:
+        process, source = memory.get("peak_gpu_allocated_gb"), "torch-allocated"
+    return {"peak_gpu_gb": process, "peak_gpu_source": source if process is not None else None,
+            "peak_gpu_torch_gb": memory.get("peak_gpu_allocated_gb")}
 
 
 def figures_from_summary(summary: dict) -> dict:
@@ -51,7 +67,7 @@ def figures_from_summary(summary: dict) -> dict:
         "hmean": (final.get("cleval") or {}).get("hmean"),
         "iou_hmean": (final.get("iou") or {}).get("hmean"),
         "cache_hit_rate": _hit_rate(summary),
-        "peak_gpu_gb": memory.get("peak_gpu_allocated_gb"),
+        **_peak_gpu(memory),
         "peak_host_gb": memory.get("peak_host_rss_gb"),
         "run_wall_s": summary.get("wall_seconds"),
         "backend": summary.get("backend"),
@@ -91,6 +107,8 @@ def markdown_table(rows: list[dict]) -> str:
                 value = f"{value:.2f}x"
             if key == "status" and row.get("reason"):
                 value = f"{value}: {row['reason']}"
+            if key == "peak_gpu_gb" and value is not None and row.get("peak_gpu_source") in GPU_SOURCE_MARKS:
+                value = f"{_fmt(value)}{GPU_SOURCE_MARKS[row['peak_gpu_source']]}"
             cells.append(_fmt(value).replace("|", "/"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -122,7 +140,11 @@ def write_outputs(out_dir: Path, rows: list[dict], header: dict, title: str) -> 
             lines.append(f"- {key.replace('_', ' ')}: {header[key]}")
     lines += ["", table, "",
               "s/epoch = train + validation seconds per epoch (mean over epochs); speed-up = baseline cell "
-              "(cpu loader, 32-true, cache off) s/epoch / this cell's, measured in the same matrix run.", ""]
+              "(cpu loader, 32-true, cache off) s/epoch / this cell's, measured in the same matrix run.",
+              "peak GPU GB = the process's GPU memory from NVML (torch's allocator, DALI's pools, the CUDA "
+              "context), the largest figure at the end of a train or validation phase; \"(device)\": NVML had no "
+              "per-process figure (containers) and the device-wide used memory is shown; \"(torch)\": only "
+              "torch's allocator peak was recorded.", ""]
     _atomic_write_text(out_dir / "report.md", "\n".join(lines))
     plot_speedups(rows, out_dir / "speedup.png", title)
     return {"table": table, "out_dir": str(out_dir)}

@@ -58,14 +58,31 @@ def _dali_available() -> bool:
     return True
 
 
-def choose_backend(loader_cfg: DictConfig, cuda_available: bool | None = None) -> BackendChoice:
-    """Resolve ``loader.backend`` / ``loader.device`` / ``loader.targets`` (auto or explicit)."""
+#: ``trainer.accelerator`` values under which the model may run on a CUDA device.
+CUDA_ACCELERATORS = ("auto", "gpu", "cuda")
+
+
+def choose_backend(loader_cfg: DictConfig, cuda_available: bool | None = None,
+                   trainer_cfg: DictConfig | None = None) -> BackendChoice:
+    """Resolve ``loader.backend`` / ``loader.device`` / ``loader.targets`` (auto or explicit).
+
+    ``trainer_cfg``: the run's ``trainer`` group. ``trainer.accelerator=cpu`` (or any non-CUDA
+    accelerator) on a CUDA machine means the CPU data path too: the model runs on the CPU, and
+    decoding, augmenting or computing targets on the GPU would only copy every batch back.
+    """
     backend, device, targets = loader_cfg.backend, loader_cfg.device, loader_cfg.targets
     for key, value, allowed in (("backend", backend, BACKENDS), ("device", device, DEVICES), ("targets", targets, TARGET_MODES)):
         if value not in allowed:
             raise BackendError(f"loader.{key}: {value!r} is not one of {', '.join(allowed)}")
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    accelerator = trainer_cfg.get("accelerator") if trainer_cfg is not None else None
+    no_cuda = "no CUDA"
+    if accelerator is not None and str(accelerator) not in CUDA_ACCELERATORS:
+        cuda, no_cuda = False, f"trainer.accelerator={accelerator}"
     if device == "gpu" and not cuda:
+        if no_cuda != "no CUDA":
+            raise BackendError(f"loader.device=gpu but {no_cuda}: the model runs on the CPU "
+                               f"(use loader.device=cpu or auto, or trainer.accelerator=gpu)")
         raise BackendError("loader.device=gpu but CUDA is not usable on this machine (use loader.device=cpu or auto)")
     if device == "auto":
         device = "gpu" if cuda else "cpu"
@@ -78,7 +95,7 @@ def choose_backend(loader_cfg: DictConfig, cuda_available: bool | None = None) -
             reasons.append("CUDA usable: DALI decodes and augments on the GPU")
         else:
             backend = "cpu"
-            reasons.append(f"no CUDA: the CPU backend ({CPU_VS_DALI_CPU})" if device == "cpu" else "DALI not installed")
+            reasons.append(f"{no_cuda}: the CPU backend ({CPU_VS_DALI_CPU})" if device == "cpu" else "DALI not installed")
     else:
         reasons.append(f"loader.backend={backend}")
     if targets == "auto":

@@ -714,9 +714,23 @@ class BatchCache:
             self.stats.end_pass(self.store)
 
     def _begin_recording(self):
+        """The entry this pass records into (None: the cache no longer fits and is off)."""
+        if self.store == "gpu":
+            self._recheck_budget()
+        if self.store == "off":
+            return None
         if self.store == "disk":
             return _DiskEntryWriter(entry_path(self.cache_dir, self.key))
         return _MemoryEntry(self.store)
+
+    def _recheck_budget(self) -> None:
+        """A GPU store was budgeted when the loader was built, before any activation existed:
+        check it again now that an epoch has trained (``StoreDecision.recheck``)."""
+        decision = self.decision.recheck()
+        if decision.store == self.store:
+            return
+        log.warning("%s", decision.warning)
+        self.decision, self.store = decision, decision.store
 
     def _commit(self, recording, count: int) -> None:
         if isinstance(recording, _DiskEntryWriter):
@@ -742,10 +756,10 @@ class BatchCache:
                  gb(recording.nbytes))
 
     def _from_loader(self, loader, n: int, counted: bool, epoch: int | None) -> Iterator[dict]:
-        record = counted and self.enabled and n == self.num_batches
+        recording = self._begin_recording() if counted and self.enabled and n == self.num_batches else None
+        record = recording is not None
         if counted:
             self.stats.start_pass(epoch, "record" if record else "miss")
-        recording = self._begin_recording() if record else None
         committed = False
         count = 0
         try:

@@ -177,7 +177,7 @@ class OCRDataModule(L.LightningDataModule):
         self.sources: dict[str, SampleSource] = {}
         self.probe = memory_probe or MemoryProbe()
         check_cache_config(cfg, splits)
-        self.choice = choose_backend(cfg.loader)
+        self.choice = choose_backend(cfg.loader, trainer_cfg=cfg.get("trainer"))
         log.info("Data backend: %s on %s, %s targets (%s)", self.choice.backend, self.choice.device,
                  self.choice.targets, self.choice.reason)
         log.info("%s", describe_preset(cfg, splits, self.probe))

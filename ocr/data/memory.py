@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -127,6 +127,29 @@ class StoreDecision:
     estimate: int
     reason: str  # why this store (one phrase)
     warning: str | None = None  # the one warning when the requested store could not be used
+    # what the budget was computed with (probe, device, cache_dir, fraction, what): for recheck()
+    context: dict | None = field(default=None, repr=False, compare=False)
+
+    def recheck(self) -> StoreDecision:
+        """The same budget for a GPU store again, with what is free *now*. A cache is sized when
+        its loader is built, before any activation exists; the recording starts after a trained
+        epoch, when the allocator holds the training step's memory. Still fits: ``self``; else
+        the next smaller store (pinned/host -> off) with one warning."""
+        if self.store != "gpu" or not self.context:
+            return self
+        c = self.context
+        now = budget("gpu", self.estimate, c["probe"], c["device"], c["cache_dir"], c["fraction"])
+        if now.fits:
+            return self
+        why = f"needs {gb(self.estimate)} but at recording time gpu has {now.detail}"
+        host = host_store_name()
+        b = budget(host, self.estimate, c["probe"], c["device"], c["cache_dir"], c["fraction"])
+        if b.fits:
+            return StoreDecision(host, self.requested, self.estimate, f"{self.reason}; {why}; {b.detail}",
+                                 warning=f"{c['what']}: {why}; using {host} memory instead ({b.detail})", context=c)
+        notes = f"{why}; needs {gb(self.estimate)} but {host} has {b.detail}"
+        return StoreDecision("off", self.requested, self.estimate, f"{self.reason}; {notes}",
+                             warning=f"{c['what']} disabled (it does not fit): {notes}", context=c)
 
 
 def choose_store(requested: str, device: torch.device, estimate: int, probe: MemoryProbe, cache_dir: str | Path = ".",
@@ -135,6 +158,13 @@ def choose_store(requested: str, device: torch.device, estimate: int, probe: Mem
     else the next smaller one (gpu -> pinned/host -> off; disk -> off)."""
     if requested not in STORES:
         raise ValueError(f"cache_config.store: {requested!r} is not one of {', '.join(STORES)}")
+    decision = _choose_store(requested, device, estimate, probe, cache_dir, fraction, what)
+    decision.context = {"probe": probe, "device": device, "cache_dir": cache_dir, "fraction": fraction, "what": what}
+    return decision
+
+
+def _choose_store(requested: str, device: torch.device, estimate: int, probe: MemoryProbe, cache_dir: str | Path,
+                  fraction: float, what: str) -> StoreDecision:
     host = host_store_name()
     on_cuda = device.type == "cuda"
     notes: list[str] = []

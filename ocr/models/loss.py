@@ -10,7 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DBLoss", "balanced_bce_with_logits", "masked_l1_loss", "dice_loss"]
+__all__ = ["DBLoss", "balanced_bce_with_logits", "masked_l1_loss", "dice_loss", "top_k_sum"]
+
+
+def top_k_sum(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Sum of the ``k`` largest entries of the 1-D ``values``, ``k`` a 0-dim integer tensor
+    on the same device: no host synchronisation (``torch.topk`` needs ``k`` as a Python int).
+
+    One descending sort and a rank mask; the gradient flows to the kept entries only.
+    """
+    ranked = torch.sort(values, descending=True).values
+    keep = torch.arange(ranked.numel(), device=ranked.device) < k
+    return torch.where(keep, ranked, ranked.new_zeros(())).sum()
+
+
+def _negative_budget(pos_count: torch.Tensor, negative_ratio: float) -> torch.Tensor:
+    """``floor(pos_count * negative_ratio)`` as an int64 tensor, as ``int(pos * ratio)`` computes it."""
+    if float(negative_ratio).is_integer():
+        return pos_count * int(negative_ratio)  # exact in int64
+    dtype = torch.float32 if pos_count.device.type == "mps" else torch.float64  # MPS has no float64
+    return torch.floor(pos_count.to(dtype) * negative_ratio).long()
 
 
 def balanced_bce_with_logits(
@@ -19,6 +38,7 @@ def balanced_bce_with_logits(
     mask: torch.Tensor,
     negative_ratio: float = 3.0,
     eps: float = 1e-6,
+    sync_free: bool | None = None,
 ) -> torch.Tensor:
     """BCE-with-logits over all positives + the hardest ``negative_ratio * #pos`` negatives.
 
@@ -26,17 +46,30 @@ def balanced_bce_with_logits(
     inside the mask. Mining is over the whole batch (as in the DB reference). With
     no positive pixel no negative is kept either and the loss is exactly 0 (finite,
     zero gradient), as in the reference.
+
+    ``sync_free`` (default: on any device but the CPU) keeps the counts on the device and
+    mines with :func:`top_k_sum` (one sort), so a training step never waits for the GPU;
+    on the CPU, where reading a count costs nothing and a full sort is slow, the counts are
+    read and ``torch.topk`` mines. Both give the same value.
     """
     logits, gt, mask = logits.float(), gt.float(), mask.float()
     inside = mask > 0.5
     positive = (gt > 0.5) & inside
     negative = (gt <= 0.5) & inside
     loss = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")
+    pos_loss = (loss * positive).sum()
+    negative_losses = (loss * negative).reshape(-1)
+    if sync_free is None:
+        sync_free = logits.device.type != "cpu"
+    if sync_free:
+        pos_count = positive.sum()
+        neg_count = torch.minimum(negative.sum(), _negative_budget(pos_count, negative_ratio))
+        neg_loss = top_k_sum(negative_losses, neg_count)
+        return (pos_loss + neg_loss) / ((pos_count + neg_count).float() + eps)
     pos_count = int(positive.sum())
     neg_count = min(int(negative.sum()), int(pos_count * negative_ratio))
-    pos_loss = (loss * positive).sum()
     if neg_count > 0:
-        neg_loss = torch.topk((loss * negative).reshape(-1), neg_count, sorted=False).values.sum()
+        neg_loss = torch.topk(negative_losses, neg_count, sorted=False).values.sum()
     else:
         neg_loss = loss.sum() * 0.0
     return (pos_loss + neg_loss) / (pos_count + neg_count + eps)

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from ocr.data.batch import batch_size
+from ocr.hardware import GpuMemoryPeak
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class EpochTimer(L.Callback):
             return
         _sync(pl_module)
         self._current.update(self._val.result("val"))
+        # Split of validation time: forward (CUDA events on a GPU, read at the epoch end) and the
+        # wait for scoring (post-processing + metrics, in the module's scoring pool).
+        timings = getattr(pl_module, "eval_timings", {}).get("val") or {}
+        self._current.update({f"val_{k}": v for k, v in timings.items()})
         self._val = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -128,7 +133,10 @@ def _epoch_line(r: dict) -> str:
     line = f"Epoch {r['epoch']}: train {r.get('train_seconds', 0):.1f} s ({r.get('train_img_s', 0):.2f} img/s"
     line += f", loader wait {r.get('train_loader_wait_seconds', 0):.1f} s)"
     if "val_seconds" in r:
-        line += f", val {r['val_seconds']:.1f} s (loader wait {r['val_loader_wait_seconds']:.1f} s)"
+        line += f", val {r['val_seconds']:.1f} s (loader wait {r['val_loader_wait_seconds']:.1f} s"
+        if "val_forward_seconds" in r:
+            line += f", forward {r['val_forward_seconds']:.1f} s, scoring wait {r['val_scoring_seconds']:.1f} s"
+        line += ")"
     if "train_loss" in r:
         line += f", train loss {r['train_loss']:.4f}"
     if "val_hmean" in r:
@@ -161,6 +169,7 @@ class RunSummary(L.Callback):
         self.started = time.time()
         self.status = "running"
         self.extra: dict = {}
+        self.gpu_peak = GpuMemoryPeak()  # NVML: torch's and DALI's GPU memory, sampled at phase ends
 
     def payload(self, pl_module) -> dict:
         final = getattr(pl_module, "last_metrics", {})
@@ -172,7 +181,7 @@ class RunSummary(L.Callback):
             "epochs": epochs,
             "final_metrics": final,
             "mean_train_img_s": _mean([e.get("train_img_s") for e in epochs]),
-            "memory": peak_memory(pl_module.device),
+            "memory": peak_memory(pl_module.device, self.gpu_peak),
             **self.extra,
         }
 
@@ -180,6 +189,12 @@ class RunSummary(L.Callback):
         if pl_module.global_rank != 0:  # one file per run; under DDP its timings are rank 0's
             return
         write_json_atomic(self.path, self.payload(pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.gpu_peak.sample(pl_module.device)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.gpu_peak.sample(pl_module.device)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.status = "finished"
@@ -191,9 +206,11 @@ class RunSummary(L.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self.status = "finished"
+        self.gpu_peak.sample(pl_module.device)
         self.write(pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        self.gpu_peak.sample(pl_module.device)
         self.status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         self.extra["error"] = f"{type(exception).__name__}: {exception}"
         self.write(pl_module)
@@ -233,9 +250,12 @@ class CacheStatistics(L.Callback):
         self._update()
 
 
-def peak_memory(device: torch.device) -> dict:
-    """Peak resident memory of this process and of its largest child (loader workers),
-    and the peak CUDA memory allocated by torch on ``device``."""
+def peak_memory(device: torch.device, gpu_peak: GpuMemoryPeak | None = None) -> dict:
+    """Peak resident memory of this process and of its largest child (loader workers); on
+    CUDA the peak memory torch allocated and reserved on ``device``, and the process's GPU
+    memory as NVML reports it (``peak_gpu_process_gb``: torch's allocator *and* DALI's pools,
+    nvJPEG, the CUDA context; ``peak_gpu_process_source`` says whether NVML had a per-process
+    figure, ``nvml-process``, or only the device-wide one, ``nvml-device``)."""
     import resource
 
     kb = 1024 / 2**30  # ru_maxrss is in KiB on Linux
@@ -243,9 +263,16 @@ def peak_memory(device: torch.device) -> dict:
         "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb, 3),
         "peak_child_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb, 3),
         "peak_gpu_allocated_gb": None,
+        "peak_gpu_reserved_gb": None,
+        "peak_gpu_process_gb": None,
+        "peak_gpu_process_source": None,
     }
     if device.type == "cuda":
         out["peak_gpu_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        out["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+        gpu_peak = gpu_peak or GpuMemoryPeak()
+        gpu_peak.sample(device)
+        out.update(gpu_peak.to_dict())
     return out
 
 

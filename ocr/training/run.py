@@ -10,9 +10,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.precision import HalfPrecision
 from omegaconf import DictConfig, OmegaConf
 
+from ocr.data.backends import CUDA_ACCELERATORS
 from ocr.data.datamodule import OCRDataModule
 from ocr.hardware import probe
 from ocr.training.callbacks import CacheStatistics, EpochTimer, RunSummary
@@ -42,6 +44,49 @@ def resolve_precision(requested: str, cuda: bool) -> tuple[str, str]:
     if cuda:
         return "16-mixed", "auto: CUDA available"
     return "32-true", "auto: no CUDA, CPU training in fp32"
+
+
+#: The Batch entries a ``*-true`` precision casts: the model's input. The float64 ``matrices``
+#: map detections back to the original image (cast to fp16 / bf16 they move a box on a
+#: 2000 x 1500 receipt by 0.2-0.4 / 2-5 px) and the float32 DB targets are read in float32 by
+#: the loss: Lightning's HalfPrecision would cast every floating tensor of the batch.
+CAST_KEYS = ("images",)
+
+
+class BatchHalfPrecision(HalfPrecision):
+    """``16-true`` / ``bf16-true`` that casts only :data:`CAST_KEYS` of a Batch dict (anything
+    else that reaches it is cast as Lightning's HalfPrecision does)."""
+
+    def convert_input(self, data):
+        if isinstance(data, dict) and "images" in data:
+            return {k: super(BatchHalfPrecision, self).convert_input(v) if k in CAST_KEYS else v for k, v in data.items()}
+        return super().convert_input(data)
+
+
+def precision_args(precision: str) -> dict:
+    """The Trainer's ``precision=`` / ``plugins=`` for ``precision``."""
+    if precision in ("16-true", "bf16-true"):
+        return {"precision": None, "plugins": [BatchHalfPrecision(precision)]}
+    return {"precision": precision, "plugins": None}
+
+
+class GpuMemoryFraction(Callback):
+    """``trainer.gpu_memory_fraction`` on the device this process trains on, set in ``setup``:
+    Lightning has chosen the rank's device by then (under DDP each rank caps its own GPU;
+    capping before the trainer starts would cap device 0 in every rank, or only in the
+    launching process of a spawn)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = float(fraction)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        device = torch.device(trainer.strategy.root_device)
+        if device.type != "cuda":
+            return
+        torch.cuda.set_per_process_memory_fraction(self.fraction, device)
+        if trainer.global_rank == 0:
+            log.info("GPU memory capped at %.0f%% of %s (trainer.gpu_memory_fraction%s)", 100 * self.fraction, device,
+                     ", on each rank's own device" if trainer.world_size > 1 else "")
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
@@ -89,10 +134,12 @@ def _static_summary(cfg: DictConfig, output_dir: Path, precision: str, datamodul
 
 def build_trainer(cfg: DictConfig, output_dir: Path, precision: str, callbacks: list, loggers: list, validate: bool = True) -> L.Trainer:
     t = cfg.trainer
+    if t.gpu_memory_fraction:
+        callbacks = [*callbacks, GpuMemoryFraction(t.gpu_memory_fraction)]
     return L.Trainer(
         default_root_dir=str(output_dir),
         max_epochs=t.max_epochs,
-        precision=precision,
+        **precision_args(precision),
         accelerator=t.accelerator,
         devices=t.devices,
         limit_train_batches=t.limit_train_batches,
@@ -126,15 +173,25 @@ def _common_setup(cfg: DictConfig) -> tuple[Path, str]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    check_cuda_usable(cfg.trainer.accelerator)
+    cuda = torch.cuda.is_available() and cfg.trainer.accelerator in CUDA_ACCELERATORS
     precision, why = resolve_precision(cfg.trainer.precision, cuda)
     log.info("Using %s (trainer.precision=%s, %s)", PRECISION_NAMES.get(precision, precision), precision, why)
     if cuda:
         torch.set_float32_matmul_precision("high")
-        if cfg.trainer.gpu_memory_fraction:
-            torch.cuda.set_per_process_memory_fraction(float(cfg.trainer.gpu_memory_fraction))
-            log.info("GPU memory capped at %.0f%% of the device (trainer.gpu_memory_fraction)", 100 * cfg.trainer.gpu_memory_fraction)
     return output_dir, precision
+
+
+def check_cuda_usable(accelerator: str, info=None) -> None:
+    """NVML sees a GPU but torch cannot use it (typically: the locked torch needs a newer driver):
+    a clear error with the fix instead of a run that silently trains on the CPU. With
+    ``trainer.accelerator=cpu`` the same facts are one log line."""
+    info = info or probe()
+    if not info.cuda_problem:
+        return
+    if str(accelerator) in CUDA_ACCELERATORS:
+        raise ConfigError(info.cuda_problem)
+    log.info("%s (trainer.accelerator=%s: training on the CPU as asked)", info.cuda_problem.split(";")[0], accelerator)
 
 
 def train(cfg: DictConfig) -> Path:
@@ -286,7 +343,7 @@ def predict(cfg: DictConfig) -> Path:
     if not paths:
         raise ConfigError(f"input_dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     samples = [Sample(name=p.name, path=p, polygons=(), ignore=(), word_ids=(), transcriptions=()) for p in paths]
-    loader = build_loader(choose_backend(cfg.loader), SampleSource(samples, split="predict"), transform_params(cfg.data, train=False),
+    loader = build_loader(choose_backend(cfg.loader, trainer_cfg=cfg.trainer), SampleSource(samples, split="predict"), transform_params(cfg.data, train=False),
                           {}, batch_size=cfg.loader.eval_batch_size, shuffle=False, drop_last=False, seed=cfg.seed, with_targets=False)
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
     batches = trainer.predict(module, dataloaders=loader)
