@@ -29,6 +29,8 @@ from matrix_plan import (  # noqa: E402
 )
 from matrix_report import add_speedups, figures_from_summary, markdown_table, merge_results, write_outputs  # noqa: E402
 
+from ocr.versions import stack  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 QUICK = {"epochs": 2, "limit_train_batches": 3, "limit_val_batches": 3}
@@ -156,25 +158,10 @@ def run_matrix(args) -> int:
                          "post-processing of noise maps and hmean is 0, so read the train columns and the cache "
                          "hit rate, not the validation speed-ups") if args.quick else None,
               "settings": {"epochs": epochs, "limit_train_batches": ltb, "limit_val_batches": lvb,
-                           "seed": args.seed, "overrides": common}, "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                           "seed": args.seed, "overrides": common}, "versions": stack(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result = write_outputs(out_dir, rows, header, f"Benchmark matrix: {label}")
     print("\n" + result["table"] + f"\n\nWritten: {out_dir}/report.md, results.json, results.csv, speedup.png", flush=True)
     return 0 if all(r["status"] != "failed" for r in rows) else 1
-
-
-def _versions() -> dict:
-    import platform
-
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import nvidia.dali as dali
-
-        versions["dali"] = dali.__version__
-    except ImportError:
-        versions["dali"] = None
-    return versions
 
 
 def run_loader_only(args) -> int:
@@ -195,7 +182,7 @@ def run_loader_only(args) -> int:
             rows.append({"tier": tier, "cell": f"{r['backend']}-{r['device']}-{split}", "status": "ok", **r,
                          "raw_bound_img_s": bound, "ratio_to_raw": round(r["img_s"] / bound, 3) if bound else None})
     header = {"kind": "loader-only", "hardware_label": tier, "device": info["hardware"]["device"],
-              "hardware": info["hardware"], "settings": {"root": str(root)}, "versions": _versions()}
+              "hardware": info["hardware"], "settings": {"root": str(root)}, "versions": stack()}
     lines = ["| split | backend | device | img/s | raw bound img/s | ratio |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['split']} | {r['backend']} | {r['device']} | {r['img_s']:.1f} | {r['raw_bound_img_s']:.1f} | "
               f"{r['ratio_to_raw']:.2f} |" for r in rows]

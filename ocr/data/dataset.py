@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ocr.data import geometry
 from ocr.data.batch import GEOMETRY_KEY, TARGET_KEY_OF, Collator, sample_geometry
 from ocr.data.geometry import transform_polygons
 from ocr.data.sampling import PlannedLoader, sample_rng

@@ -4,7 +4,6 @@ fit / test / predict. The runners themselves stay thin @hydra.main wrappers."""
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ocr.data.datamodule import OCRDataModule
 from ocr.hardware import probe
 from ocr.training.callbacks import CacheStatistics, EpochTimer, RunSummary
 from ocr.training.module import DBNetModule
+from ocr.versions import stack
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,6 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
     return loggers
 
 
-def _versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__}
-    try:
-        import nvidia.dali as dali
-
-        versions["dali"] = dali.__version__
-    except ImportError:
-        versions["dali"] = None
-    return versions
-
-
 def _static_summary(cfg: DictConfig, output_dir: Path, precision: str, datamodule: OCRDataModule) -> dict:
     return {
         "exp_name": cfg.exp_name,
@@ -127,7 +116,7 @@ def _static_summary(cfg: DictConfig, output_dir: Path, precision: str, datamodul
         "precision": precision,
         "backend": datamodule.backend_description(),
         "hardware": probe().to_dict(),
-        "versions": _versions(),
+        "versions": stack(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
