@@ -17,8 +17,8 @@ conventions measured in ``tests/dali_pipelines``:
   padding is ``-mean / std``.
 
 Outputs (both graphs): images float ``[3, S, S]`` (normalised, CHW, on ``device``), then
-the pass-through sample data computed by the source (CPU): index, M, the network-pixel
-vertices, lengths, ignore flags and the packed DB target geometry. The polygons are
+the pass-through sample record computed by the source (CPU, ``source.pack_record``): index,
+M, the network-pixel vertices, lengths, ignore flags and the packed DB target geometry. The polygons are
 transformed in the source, not with ``fn.coord_transform``, because the target geometry
 (shrink, packing) needs them there, in the external-source workers, off the training thread.
 """

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from dali_pipelines.graphs import OUTPUTS, build_pipeline
-from dali_pipelines.source import DaliBatchSource, EpochControl
+from dali_pipelines.source import DaliBatchSource, EpochControl, unpack_record
 from ocr.data.batch import GEOMETRY_KEY, attach_targets
 from ocr.data.sampling import PlannedLoader
-from ocr.data.targets import DEFAULT_TILE, GEOMETRY_ARRAYS, geometry_from_arrays, merge_geometries
+from ocr.data.targets import DEFAULT_TILE, geometry_from_arrays, merge_geometries
 from ocr.data.transforms import TransformParams
 
 log = logging.getLogger(__name__)
@@ -172,29 +172,25 @@ class DaliLoader(PlannedLoader):
         """DALI outputs -> Batch: array views and concatenations only (the per-polygon work was done
         by the source, in the external-source workers); then the targets, unless deferred."""
         images = self._images(out["images"])
-        index = out["index"].as_array().reshape(-1)
-        matrices = np.ascontiguousarray(out["matrix"].as_array(), dtype=np.float64)
-        lengths = _to_numpy_list(out["lengths"])
-        net_vertices = _to_numpy_list(out["net_vertices"])
-        ignore = _to_numpy_list(out["ignore"])
-        samples = [self.source.samples[int(i)] for i in index]
+        records = [unpack_record(r) for r in _to_numpy_list(out["record"])]
+        samples = [self.source.samples[r["index"]] for r in records]
         net_polygons = []
-        for verts, lens in zip(net_vertices, lengths):
-            net_polygons.append(list(np.split(verts, np.cumsum(lens)[:-1])) if len(lens) else [])
+        for r in records:
+            lens = r["lengths"]
+            net_polygons.append(list(np.split(r["net_vertices"], np.cumsum(lens)[:-1])) if len(lens) else [])
         batch = {
             "images": images,
-            "matrices": torch.from_numpy(matrices),
-            "orig_sizes": torch.tensor([self.source.sizes[int(i)] for i in index], dtype=torch.int64),
+            "matrices": torch.from_numpy(np.stack([r["matrix"] for r in records])),
+            "orig_sizes": torch.tensor([self.source.sizes[r["index"]] for r in records], dtype=torch.int64),
             "polygons": [list(s.polygons) for s in samples],
             "net_polygons": net_polygons,
-            "ignore": [flags.astype(bool).tolist() for flags in ignore],
+            "ignore": [r["ignore"].tolist() for r in records],
             "names": [s.name for s in samples],
         }
         if self.with_targets:
             size = self.params.output_size
-            columns = [_to_numpy_list(out[name]) for name in GEOMETRY_ARRAYS]
             batch[GEOMETRY_KEY] = merge_geometries(
-                [geometry_from_arrays(arrays, size, size, DEFAULT_TILE) for arrays in zip(*columns)])
+                [geometry_from_arrays(r["geometry"], size, size, DEFAULT_TILE) for r in records])
             if self.render_targets:
                 attach_targets(batch, self.target_kwargs)
         return batch

@@ -80,7 +80,6 @@ __all__ = [
     "ARC_TOLERANCE_PX",
     "CLIPPER_SCALE",
     "DBTargetGeometry",
-    "GEOMETRY_ARRAYS",
     "geometry_from_arrays",
     "geometry_to_arrays",
     "merge_geometries",
@@ -678,13 +677,10 @@ def merge_geometries(parts: Sequence[DBTargetGeometry]) -> DBTargetGeometry:
                             tile=first.tile, **fields)
 
 
-#: The arrays of a one-image geometry as DALI's external source hands them on (fixed dtypes, ndim 2).
-GEOMETRY_ARRAYS = ("geom_fill_f", "geom_fill_i", "geom_seg_f", "geom_seg_i")
-GEOMETRY_DTYPES = ("float64", "int64", "float64", "int64")
-
-
 def geometry_to_arrays(geom: DBTargetGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One image's geometry as four 2-D arrays (see :data:`GEOMETRY_ARRAYS`)."""
+    """One image's geometry as four 2-D arrays: fill floats (E, 2) [x, dx/dy], fill ints (E, 4) [first
+    row, rows, plane, weight], piece floats (P, 6), piece ints (P, 3) [first segment, blocks, tiles]
+    (how DALI's external source hands it on, ``dali_pipelines.source.pack_record``)."""
     if geom.batch_size != 1:
         raise ValueError(f"geometry_to_arrays takes one image, got a batch of {geom.batch_size}")
     fill_f = np.stack([geom.fill_x, geom.fill_slope], axis=1).astype(np.float64).reshape(-1, 2)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dali_pipelines.graphs import OUTPUTS, build_pipeline
+from dali_pipelines.source import unpack_record
 from dali_pipelines.loader import DaliLoader
 from dali_pipelines.source import DaliBatchSource, EpochControl
 from ocr.data import geometry
@@ -149,9 +150,9 @@ def test_fixed_matrix_polygons_and_text_land_on_the_same_pixels(angle, scale):
     params = TransformParams(image_size=size, train=True, reduced_decode=False)
 
     out = _run_train_graph(source, params, m)
-    net = np.array(out["net_vertices"][0]).reshape(-1, 2)
-    np.testing.assert_allclose(net, geometry.transform_points(m, polygon), atol=1e-3)
-    assert np.array_equal(np.array(out["matrix"][0]), m)
+    record = unpack_record(np.array(out["record"][0]))
+    np.testing.assert_allclose(record["net_vertices"], geometry.transform_points(m, polygon), atol=1e-3)
+    assert np.array_equal(record["matrix"], m)
 
     dali_img = np.array(out["images"][0])  # normalised CHW
     cpu_canvas = warp_to_canvas(source_image := cv2.cvtColor(cv2.imdecode(source.encoded_array(0), cv2.IMREAD_COLOR),
