@@ -140,16 +140,19 @@ def _features(dcfg: DictConfig) -> str:
     return ", ".join(parts) or "nothing cached"
 
 
-def describe_preset(cfg: DictConfig, splits: tuple[str, ...], probe: MemoryProbe) -> str:
+def describe_preset(cfg: DictConfig, splits: tuple[str, ...], probe: MemoryProbe, device: str = "cpu") -> str:
+    """``device``: where the model and the data path run ("gpu" | "cpu", the backend choice)."""
     preset = cfg.data.get("performance_preset", "none")
     per_split = "; ".join(f"{s}: {_features(split_config(cfg, s))}" for s in splits)
     line = f"Performance preset {preset} -> {per_split}"
     if preset == "auto":
         available, _ = probe.host()
         # GPU memory is measured when the cache is built (CUDA is not initialised yet here)
-        mem = f"{gb(available)} host RAM available" + (", CUDA usable" if torch.cuda.is_available() else ", no CUDA")
+        on_gpu = device == "gpu"
+        mem = f"{gb(available)} host RAM available" + (", training on the GPU" if on_gpu else ", training on the CPU")
+        chain = f"gpu -> {host_store_name(torch.device('cuda'))}" if on_gpu else host_store_name(torch.device("cpu"))
         line += (f" (auto: eval splits validation_optimized, train balanced; each cache is sized against free "
-                 f"memory at run time: {mem}; stores fall back gpu -> {host_store_name()} -> off)")
+                 f"memory at run time: {mem}; stores fall back {chain} -> off)")
     return line
 
 
@@ -180,7 +183,7 @@ class OCRDataModule(L.LightningDataModule):
         self.choice = choose_backend(cfg.loader, trainer_cfg=cfg.get("trainer"))
         log.info("Data backend: %s on %s, %s targets (%s)", self.choice.backend, self.choice.device,
                  self.choice.targets, self.choice.reason)
-        log.info("%s", describe_preset(cfg, splits, self.probe))
+        log.info("%s", describe_preset(cfg, splits, self.probe, self.choice.device))
         self.stage: str | None = None
         self._annotations: dict[str, tuple[dict, dict]] = {}
         self._preload: dict[str, dict] = {}

@@ -83,8 +83,12 @@ def gb(n: float) -> str:
     return f"{n / GB:.3g} GB" if n < GB else f"{n / GB:.2f} GB"
 
 
-def host_store_name() -> str:
-    return "pinned" if torch.cuda.is_available() else "host"
+def host_store_name(device: torch.device | None = None) -> str:
+    """Page-locked host memory when batches go to a CUDA device (faster, asynchronous copies), plain
+    host memory otherwise (pinning would only start a CUDA context, e.g. under trainer.accelerator=cpu)."""
+    if not torch.cuda.is_available():
+        return "host"
+    return "pinned" if device is None or torch.device(device).type == "cuda" else "host"
 
 
 @dataclass
@@ -142,7 +146,7 @@ class StoreDecision:
         if now.fits:
             return self
         why = f"needs {gb(self.estimate)} but at recording time gpu has {now.detail}"
-        host = host_store_name()
+        host = host_store_name(c["device"])
         b = budget(host, self.estimate, c["probe"], c["device"], c["cache_dir"], c["fraction"])
         if b.fits:
             return StoreDecision(host, self.requested, self.estimate, f"{self.reason}; {why}; {b.detail}",
@@ -165,7 +169,7 @@ def choose_store(requested: str, device: torch.device, estimate: int, probe: Mem
 
 def _choose_store(requested: str, device: torch.device, estimate: int, probe: MemoryProbe, cache_dir: str | Path,
                   fraction: float, what: str) -> StoreDecision:
-    host = host_store_name()
+    host = host_store_name(device)
     on_cuda = device.type == "cuda"
     notes: list[str] = []
     if requested == "off":

@@ -316,12 +316,15 @@ def test_store_fallback_chain():
     assert d.store == host and d.warning.startswith("tensor cache: needs 10.00 GB but gpu has")
     d = choose_store("gpu", cuda, 10 * GB, SmallProbe(gpu_free=4 * GB, host_free=4 * GB))
     assert d.store == "off" and d.warning.startswith("tensor cache disabled (it does not fit)")
+    # a model on the CPU never gets pinned memory (it would only start a CUDA context)
     d = choose_store("auto", torch.device("cpu"), 10 * GB, SmallProbe(host_free=30 * GB))
-    assert d.store == host
+    assert d.store == "host"
     d = choose_store("disk", cuda, 10 * GB, SmallProbe(disk_free=5 * GB))
     assert d.store == "off" and "disk" in d.warning
     d = choose_store("gpu", torch.device("cpu"), GB, SmallProbe())
-    assert d.store == host and "the model runs on cpu" in d.warning
+    assert d.store == "host" and "the model runs on cpu" in d.warning
+    d = choose_store("pinned", torch.device("cpu"), GB, SmallProbe())
+    assert d.store == "host"
 
 
 def test_too_little_memory_degrades_with_one_warning(data_a, fresh_a, caplog):
