@@ -164,6 +164,10 @@ class ModelConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    # Validation/test scoring (post-processing + CLEval/IoU) in this many worker processes beside
+    # the forward pass (ocr/training/scoring.py); -1: min(4, CPUs per training process), 0: serial
+    # in the training process.
+    eval_workers: int = -1
 
 
 @dataclass

@@ -85,6 +85,19 @@ class DetectionEvaluator:
         however often it is added here or in merged evaluators: DDP pads each rank's shard by
         repeating samples.
         """
+        if key is not None and key in self._by_key:
+            return
+        self.add_counts(*self.image_counts(gt_polygons, gt_ignore, pred_polygons, gt_texts), key=key)
+
+    def image_counts(
+        self,
+        gt_polygons: Sequence[np.ndarray],
+        gt_ignore: Sequence[bool],
+        pred_polygons: Sequence[np.ndarray],
+        gt_texts: Sequence[str] | None = None,
+    ) -> tuple[IoUCounts, CLEvalCounts]:
+        """The counts ``add`` would add for one image, without adding them (a worker process
+        computes them, the evaluator that owns the split adds them with ``add_counts``)."""
         gt_polygons = list(gt_polygons)
         gt_ignore = [bool(x) for x in gt_ignore]
         pred_polygons = list(pred_polygons)
@@ -94,14 +107,17 @@ class DetectionEvaluator:
             gt_texts = list(gt_texts)
             if len(gt_texts) != len(gt_polygons):
                 raise ValueError(f"gt_texts has {len(gt_texts)} entries for {len(gt_polygons)} GT polygons")
-        if key is not None and key in self._by_key:
-            return
         iou, cleval = IoUCounts(), CLEvalCounts()
         if gt_polygons or pred_polygons:
             iou = iou_image_counts(gt_polygons, gt_ignore, pred_polygons, self.iou_threshold, self.dont_care_overlap)
             cleval = cleval_image_counts(gt_polygons, gt_ignore, pred_polygons, gt_texts)
+        return iou, cleval
+
+    def add_counts(self, iou: IoUCounts, cleval: CLEvalCounts, key: str | None = None) -> None:
+        """Add one image's counts (from ``image_counts``); the same key rule as ``add``. Adding
+        images in the same order as ``add`` would gives a bit-identical result."""
         if key is not None:
-            self._by_key[key] = (iou, cleval)
+            self._by_key.setdefault(key, (iou, cleval))
             return
         self._num_images += 1
         self._iou += iou

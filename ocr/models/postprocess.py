@@ -21,13 +21,16 @@ so output points are ``M^-1`` applied to the input-space points, then clipped to
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import pyclipper
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DBPostProcessor"]
 
@@ -36,7 +39,10 @@ MIN_ORIGINAL_AREA = 1.0  # px^2 in the original image: less is a detection outsi
 
 
 def _to_numpy(x: Any, dtype=np.float32) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    # torch is not imported here: validation-scoring worker processes load this module without
+    # it (ocr.training.scoring). A tensor argument means torch is already imported.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32 if dtype == np.float32 else torch.float64).numpy()
     return np.asarray(x, dtype=dtype)
 

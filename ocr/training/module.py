@@ -10,6 +10,8 @@ import torch
 from ocr.data.batch import batch_size
 from ocr.metrics import DetectionEvaluator
 from ocr.models import DBLoss, DBNet, DBPostProcessor
+from ocr.training.device_timer import DeviceTimer
+from ocr.training.scoring import ScoringPool, resolve_workers
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, name: str, min_lr_ratio: float, power: float) -> float:
@@ -36,17 +38,55 @@ class DBNetModule(L.LightningModule):
         self.model = DBNet(backbone=cfg["backbone"], pretrained=cfg["pretrained"], inner_channels=cfg["inner_channels"], k=cfg["k"])
         loss = cfg["loss"]
         self.loss = DBLoss(alpha=loss["alpha"], beta=loss["beta"], negative_ratio=loss["ohem_ratio"])
+        self._scoring: ScoringPool | None = None  # validation/test scoring beside the forward pass
+        self.eval_workers = int(cfg.get("eval_workers", -1))
         self.set_postprocess(cfg["postprocess"])
         self.memory_format = torch.channels_last if cfg.get("channels_last", False) else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.evaluators = {"val": DetectionEvaluator(), "test": DetectionEvaluator()}
         self.last_metrics: dict[str, dict] = {}
+        # per split, the last epoch's forward seconds (CUDA events / wall) and the seconds this
+        # thread waited for scoring (EpochTimer puts them in the epoch record)
+        self.eval_timings: dict[str, dict] = {}
+        self._forward_timer = DeviceTimer()
+        self._scoring_wait_start = 0.0
 
     def set_postprocess(self, pp: dict) -> None:
         self.postprocess = DBPostProcessor(
             thresh=pp["thresh"], box_thresh=pp["box_thresh"], unclip_ratio=pp["unclip_ratio"],
             max_candidates=pp["max_candidates"], min_size=pp["min_size"], output=pp["output"],
         )
+        self._postprocess_cfg = dict(pp)
+        self._close_scoring()  # a running pool post-processes with the old settings
+
+    def set_eval_workers(self, workers: int) -> None:
+        """``model.eval_workers`` of the command (test/predict load the checkpoint's model_cfg)."""
+        self.eval_workers = int(workers)
+        self._close_scoring()
+
+    def _scoring_pool(self) -> ScoringPool:
+        """This process's scoring pool, created on first use and reused by every eval epoch.
+        Under DDP every rank has its own, sized by the CPUs per rank on the node."""
+        if self._scoring is None:
+            per_node = self._trainer.num_devices if self._trainer is not None else 1
+            workers = resolve_workers(self.eval_workers, processes_per_node=per_node)
+            self._scoring = ScoringPool(self._postprocess_cfg, workers)
+        return self._scoring
+
+    def _close_scoring(self) -> None:
+        if getattr(self, "_scoring", None) is not None:
+            self._scoring.close()
+            self._scoring = None
+
+    def setup(self, stage: str) -> None:
+        # Start the scoring workers now: they import and pay cleval's JIT while training runs.
+        validates = stage in ("validate", "test") or (
+            stage == "fit" and self._trainer is not None and self._trainer.limit_val_batches not in (0, 0.0))
+        if validates:
+            self._scoring_pool().start()
+
+    def teardown(self, stage: str) -> None:
+        self._close_scoring()
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images.contiguous(memory_format=self.memory_format))
@@ -60,14 +100,16 @@ class DBNetModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:
+        self._forward_timer.start(self.device)
         preds = self(batch["images"])
         if "thresh_map" in preds and "prob_maps" in batch:
             loss, _ = self.loss(preds, batch)
             self.log(f"{split}/loss", loss, batch_size=batch_size(batch))
-        results = self.postprocess(preds["prob_map"], batch["matrices"], batch["orig_sizes"])
-        evaluator = self.evaluators[split]
-        for i, (polygons, _scores) in enumerate(results):
-            evaluator.add(batch["polygons"][i], batch["ignore"][i], polygons, key=batch["names"][i])
+        self._forward_timer.stop()
+        # One pinned non-blocking copy + a CUDA event; post-processing and counting run in the
+        # pool's workers while the next batches go through the model.
+        self._scoring_pool().submit(preds["prob_map"], batch["matrices"], batch["orig_sizes"],
+                                    batch["polygons"], batch["ignore"], batch["names"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -86,7 +128,22 @@ class DBNetModule(L.LightningModule):
             merged.merge(part)
         return merged
 
+    def _eval_epoch_start(self, split: str) -> None:
+        self.evaluators[split].reset()
+        pool = self._scoring_pool()
+        if pool.pending:
+            pool.discard()  # left by an interrupted epoch
+        self._forward_timer.reset()
+        self._scoring_wait_start = pool.wait_seconds
+
     def _eval_epoch_end(self, split: str) -> None:
+        pool = self._scoring_pool()
+        self.evaluators[split].merge(pool.result())  # in submission order: identical to serial scoring
+        self.eval_timings[split] = {
+            "forward_seconds": round(self._forward_timer.seconds(), 3),
+            "scoring_seconds": round(pool.wait_seconds - self._scoring_wait_start, 3),
+            "scoring_workers": pool.workers,
+        }
         evaluator = self._gathered(self.evaluators[split])  # the same object without DDP: reset after compute
         if len(evaluator) == 0:
             self.evaluators[split].reset()
@@ -101,13 +158,13 @@ class DBNetModule(L.LightningModule):
                 self.log(f"{split}/{family}_{name}", value)
 
     def on_validation_epoch_start(self) -> None:
-        self.evaluators["val"].reset()
+        self._eval_epoch_start("val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def on_test_epoch_start(self) -> None:
-        self.evaluators["test"].reset()
+        self._eval_epoch_start("test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

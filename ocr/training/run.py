@@ -277,6 +277,7 @@ def _load_module(cfg: DictConfig) -> DBNetModule:
         log.warning("model.* differs from the checkpoint (%s): the checkpoint's architecture is used", ", ".join(changed))
     changed = _differences(given["postprocess"], saved["postprocess"], sorted(given["postprocess"]))
     module.set_postprocess(given["postprocess"])
+    module.set_eval_workers(given.get("eval_workers", -1))  # this machine's, not the training machine's
     if changed:
         log.info("Post-processing from this command's model.postprocess, not the checkpoint's: %s", ", ".join(changed))
     changed = _differences(_eval_data(cfg), module.hparams.get("eval_data") or {}, ("image_size", "mean", "std"))

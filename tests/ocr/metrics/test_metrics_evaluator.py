@@ -231,3 +231,19 @@ def test_input_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="gt_texts"):
         ev.add([A], [False], [], ["a", "b"])
     assert len(ev) == 0
+
+
+def test_image_counts_then_add_counts_equals_add():
+    """A scoring worker computes ``image_counts``; the owner adds them with ``add_counts``: the
+    same result as ``add``, bit for bit, keyed or not, duplicate keys counted once."""
+    images = [([A, B], [False, False], [A, box(300, 300, 30, 90)]),  # a vertical false positive
+              ([A, B, C], [False, True, False], [box(10, 60, 100, 25), box8(10, 110, bulge=3)]),
+              ([], [], [D])]
+    for keyed in (False, True):
+        direct, split = DetectionEvaluator(), DetectionEvaluator()
+        for k, (gts, ignore, preds) in enumerate(images + images[:1]):  # the first image twice
+            key = f"img{k % len(images)}" if keyed else None
+            direct.add(gts, ignore, preds, key=key)
+            split.add_counts(*DetectionEvaluator().image_counts(gts, ignore, preds), key=key)
+        assert split.counts() == direct.counts() and split.compute() == direct.compute()
+        assert len(split) == (3 if keyed else 4)
