@@ -31,6 +31,7 @@ import torch
 from dali_pipelines.graphs import OUTPUTS, build_pipeline
 from dali_pipelines.source import DaliBatchSource, EpochControl, unpack_record
 from ocr.data.batch import GEOMETRY_KEY, attach_targets
+from ocr.data.geometry import split_rows
 from ocr.data.sampling import PlannedLoader
 from ocr.data.targets import DEFAULT_TILE, geometry_from_arrays, merge_geometries
 from ocr.data.transforms import TransformParams
@@ -174,10 +175,7 @@ class DaliLoader(PlannedLoader):
         images = self._images(out["images"])
         records = [unpack_record(r) for r in _to_numpy_list(out["record"])]
         samples = [self.source.samples[r["index"]] for r in records]
-        net_polygons = []
-        for r in records:
-            lens = r["lengths"]
-            net_polygons.append(list(np.split(r["net_vertices"], np.cumsum(lens)[:-1])) if len(lens) else [])
+        net_polygons = [split_rows(r["net_vertices"], r["lengths"].tolist()) for r in records]
         batch = {
             "images": images,
             "matrices": torch.from_numpy(np.stack([r["matrix"] for r in records])),

@@ -36,6 +36,30 @@ GEOMETRY_KEY = "target_geometry"
 GEOMETRY_KWARGS = ("shrink_ratio", "min_text_size")
 
 
+#: Batch keys holding one list of (N, 2) polygon arrays per image.
+POLYGON_KEYS = ("polygons", "net_polygons")
+
+
+def _split_rows(flat: np.ndarray, lengths: np.ndarray) -> "PolygonList":
+    from ocr.data.geometry import split_rows
+
+    return PolygonList(split_rows(flat, lengths.tolist()))
+
+
+class PolygonList(list):
+    """One image's polygons: a plain list of (N, 2) arrays that pickles as one array and its lengths.
+    A DataLoader worker process hands every batch to the training process pickled; unpickling 800
+    small arrays per batch (16 images x 50 lines, twice) cost the training thread ~1.4 ms, slicing
+    one array ~0.3 ms."""
+
+    def __reduce__(self):
+        arrays = [np.asarray(p) for p in self]
+        if not arrays or any(a.ndim != 2 or a.dtype != arrays[0].dtype for a in arrays):
+            return (PolygonList, (list(self),))
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        return (_split_rows, (np.concatenate(arrays), lengths))
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A fresh CPU tensor; in a DataLoader worker process, directly in shared memory (as
     ``default_collate`` does), so sending it to the main process copies nothing."""
@@ -74,6 +98,8 @@ def collate_samples(samples: list[dict], mean=IMAGENET_MEAN, std=IMAGENET_STD) -
     }
     for key in LIST_KEYS:
         batch[key] = [s[key] for s in samples]
+    for key in POLYGON_KEYS:
+        batch[key] = [PolygonList(polys) for polys in batch[key]]
     if "prob_maps" in samples[0]:
         for key in TARGET_KEYS:
             batch[key] = torch.from_numpy(np.stack([s[key] for s in samples])[:, None])
