@@ -298,7 +298,8 @@ def time_steps(source: SampleSource, args, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------- report
 def report(result: dict) -> str:
     lines = [f"host_overhead: batches of {result['batch_size']} at {result['image_size']} px, "
-             f"~{result['lines']} lines per image; load average {result['loadavg']}",
+             f"~{result['lines']} lines per image; load average {result['loadavg_start']} at the start, "
+             f"{result['loadavg']} at the end",
              "", "training thread, thread CPU time per batch (ms): median [min, max] over repeats"]
     for path, r in result["train_thread_ms_per_batch_detail"].items():
         render = (f"; device step {r['render_ms_per_batch']:.2f} ms "
@@ -364,7 +365,8 @@ def main(argv=None) -> int:
             make_receipts(root, images, args.lines)
         source = load_source(root)
         params = TransformParams(image_size=args.image_size, train=True, crop_size=args.image_size)
-        result = {"batch_size": args.batch_size, "image_size": args.image_size, "lines": args.lines,
+        result = {"loadavg_start": [round(x, 2) for x in os.getloadavg()],
+                  "batch_size": args.batch_size, "image_size": args.image_size, "lines": args.lines,
                   "timing": "thread CPU time of the training thread (time.thread_time)", "device": str(device),
                   "stack": stack()}
         if "train" not in skip:
