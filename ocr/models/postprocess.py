@@ -47,6 +47,22 @@ def _to_numpy(x: Any, dtype=np.float32) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def batch_arrays(prob_maps, matrices=None, orig_sizes=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host tensors / arrays -> ``probs`` float32 ``[B,H,W]``, ``matrices`` float64 ``[B,3,3]`` (identity
+    when None), ``sizes`` float64 ``[B,2]`` (the map's size when None)."""
+    probs = _to_numpy(prob_maps, np.float32)
+    if probs.ndim == 4:
+        if probs.shape[1] != 1:
+            raise ValueError(f"prob_maps must be [B,1,H,W] or [B,H,W], got {probs.shape}")
+        probs = probs[:, 0]
+    if probs.ndim != 3:
+        raise ValueError(f"prob_maps must be [B,1,H,W] or [B,H,W], got {probs.shape}")
+    b, h, w = probs.shape
+    mats = np.tile(np.eye(3), (b, 1, 1)) if matrices is None else _to_numpy(matrices, np.float64).reshape(b, 3, 3)
+    sizes = np.tile([h, w], (b, 1)) if orig_sizes is None else _to_numpy(orig_sizes, np.float64).reshape(b, 2)
+    return probs, mats, sizes
+
+
 def _mini_box(points: np.ndarray) -> tuple[np.ndarray, float]:
     """Min-area rectangle as 4 points ordered (tl, tr, br, bl) like the DB reference,
     and its shorter side."""
@@ -129,17 +145,9 @@ class DBPostProcessor:
         matrices: torch.Tensor | np.ndarray | Sequence | None = None,
         orig_sizes: torch.Tensor | np.ndarray | Sequence | None = None,
     ) -> list[tuple[list[np.ndarray], list[float]]]:
-        probs = _to_numpy(prob_maps, np.float32)
-        if probs.ndim == 4:
-            if probs.shape[1] != 1:
-                raise ValueError(f"prob_maps must be [B,1,H,W] or [B,H,W], got {probs.shape}")
-            probs = probs[:, 0]
-        if probs.ndim != 3:
-            raise ValueError(f"prob_maps must be [B,1,H,W] or [B,H,W], got {probs.shape}")
-        b, h, w = probs.shape
-        mats = np.tile(np.eye(3), (b, 1, 1)) if matrices is None else _to_numpy(matrices, np.float64).reshape(b, 3, 3)
-        sizes = np.tile([h, w], (b, 1)) if orig_sizes is None else _to_numpy(orig_sizes, np.float64).reshape(b, 2)
-        return [self.process_single(probs[i], mats[i], (float(sizes[i, 0]), float(sizes[i, 1]))) for i in range(b)]
+        probs, mats, sizes = batch_arrays(prob_maps, matrices, orig_sizes)
+        return [self.process_single(probs[i], mats[i], (float(sizes[i, 0]), float(sizes[i, 1])))
+                for i in range(len(probs))]
 
     def process_single(
         self, prob: np.ndarray, matrix: np.ndarray | None = None, orig_hw: tuple[float, float] | None = None

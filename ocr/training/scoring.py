@@ -200,13 +200,6 @@ def _score_images(key: tuple, probs: np.ndarray | tuple, matrices: np.ndarray, s
 # Main process
 
 
-def _as_numpy(x: Any, dtype) -> np.ndarray:
-    if hasattr(x, "detach"):  # a (host) torch tensor
-        x = x.detach()
-        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # numpy has no bfloat16
-    return np.asarray(x, dtype=dtype)
-
-
 def host_copy(*tensors):
     """Start copying tensors to the host: CUDA tensors into pinned memory with one
     ``non_blocking`` copy each, then one CUDA event on the current stream that completes when
@@ -536,22 +529,14 @@ def _rebuild(postprocess_cfg, workers, evaluator_kwargs, max_pending, chunk, sta
 
 
 def _host_arrays(prob_maps, matrices, orig_sizes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Host tensors / arrays -> ``probs`` float32 ``[B,H,W]``, ``matrices`` float64 ``[B,3,3]``,
-    ``sizes`` float64 ``[B,2]`` (what ``DBPostProcessor.__call__`` uses)."""
-    if hasattr(prob_maps, "is_cuda") and prob_maps.is_cuda:  # serial path on a GPU: one blocking copy
+    """``ocr.models.postprocess.batch_arrays`` of the batch; on a GPU (the serial path) after one
+    blocking copy."""
+    from ocr.models.postprocess import batch_arrays
+
+    if hasattr(prob_maps, "is_cuda") and prob_maps.is_cuda:
         (prob_maps, matrices, orig_sizes), event = host_copy(prob_maps, matrices, orig_sizes)
         event.synchronize()
-    probs = _as_numpy(prob_maps, np.float32)
-    if probs.ndim == 4:
-        if probs.shape[1] != 1:
-            raise ValueError(f"prob_maps must be [B,1,H,W] or [B,H,W], got {probs.shape}")
-        probs = probs[:, 0]
-    if probs.ndim != 3:
-        raise ValueError(f"prob_maps must be [B,1,H,W] or [B,H,W], got {probs.shape}")
-    b = len(probs)
-    mats = _as_numpy(matrices, np.float64).reshape(b, 3, 3)
-    sizes = _as_numpy(orig_sizes, np.float64).reshape(b, 2)
-    return probs, mats, sizes
+    return batch_arrays(prob_maps, matrices, orig_sizes)
 
 
 # --------------------------------------------------------------------------------------------------
