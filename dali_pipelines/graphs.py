@@ -28,7 +28,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 
-from dali_pipelines.source import PASS_THROUGH, SOURCE_DTYPES, SOURCE_NDIMS, DaliBatchSource
+from dali_pipelines.source import PARAM_SLICES, PASS_THROUGH, SOURCE_DTYPES, SOURCE_NDIMS, DaliBatchSource
 from ocr.data.transforms import TransformParams
 
 OUTPUTS = ("images", *PASS_THROUGH)
@@ -40,12 +40,22 @@ _DALI_DTYPES = {"uint8": types.UINT8, "int32": types.INT32, "int64": types.INT64
 
 
 def _inputs(source: DaliBatchSource, parallel: bool, prefetch: int) -> dict:
+    """The source's outputs by name, with the per-sample arguments sliced out of ``params`` (one
+    output instead of four: each output costs the thread that runs the pipeline ~0.15 ms per batch)."""
     n = len(source.outputs)
     kwargs = dict(num_outputs=n, batch=True, batch_info=True, parallel=parallel,
                   dtype=[_DALI_DTYPES[d] for d in SOURCE_DTYPES[:n]], ndim=list(SOURCE_NDIMS[:n]))
     if parallel:
         kwargs["prefetch_queue_depth"] = prefetch
-    return dict(zip(source.outputs, fn.external_source(source=source, **kwargs)))
+    inp = dict(zip(source.outputs, fn.external_source(source=source, **kwargs)))
+    params = inp.pop("params")
+    names = ("resize_size", "resize_roi", "warp", "jitter") if source.params.train else ("resize_size", "resize_roi")
+    for name in names:
+        start, stop = PARAM_SLICES[name]
+        inp[name] = params[start:stop]
+    if "warp" in inp:
+        inp["warp"] = fn.reshape(inp["warp"], shape=[2, 3])
+    return inp
 
 
 def _decode(encoded, device: str):

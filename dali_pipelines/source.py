@@ -34,22 +34,23 @@ from ocr.data.targets import geometry_to_arrays
 from ocr.data.transforms import TransformParams, draw_jitter, sample_matrix
 from ocr.shm import SHM_DIR, remove_stale_files
 
-__all__ = ["DaliBatchSource", "EpochControl", "EpochPlan", "pack_record", "resize_geometry", "source_outputs",
-           "unpack_record"]
+__all__ = ["DaliBatchSource", "EpochControl", "EpochPlan", "pack_record", "resize_geometry", "unpack_record"]
 
 #: Outputs of :class:`DaliBatchSource`, in order (one list entry per sample of a batch).
 SOURCE_OUTPUTS = (
     "encoded",  # uint8 (bytes,): the file's bytes
     "record",  # float64 (K,): everything else the loader needs of the sample (pack_record)
-    "resize_size",  # float32 (2,): (h, w) after the antialiasing resize
-    "resize_roi",  # float32 (2,): (h, w) of the source region that maps onto it (keeps the exact scale)
-    "warp",  # float32 (2, 3): residual warp, destination -> source (DALI's inverse map)
-    "jitter",  # float32 (3,): brightness, contrast, saturation factors
+    "params",  # float32 (4,) eval, (13,) train: the graph's per-sample arguments (PARAM_SLICES)
 )
-SOURCE_DTYPES = ("uint8", "float64", "float32", "float32", "float32", "float32")
-SOURCE_NDIMS = (1, 1, 1, 1, 2, 1)
-#: The evaluation graph neither warps nor jitters.
-EVAL_OUTPUTS = SOURCE_OUTPUTS[:4]
+SOURCE_DTYPES = ("uint8", "float64", "float32")
+SOURCE_NDIMS = (1, 1, 1)
+#: Where each per-sample argument of the graphs lies in ``params`` (the graph slices it out).
+PARAM_SLICES = {
+    "resize_size": (0, 2),  # (h, w) after the antialiasing resize
+    "resize_roi": (2, 4),  # (h, w) of the source region that maps onto it (keeps the exact scale)
+    "warp": (4, 10),  # train: residual warp (2 x 3, row-major), destination -> source (DALI's inverse map)
+    "jitter": (10, 13),  # train: brightness, contrast, saturation factors
+}
 #: What the graphs pass through to the loader unchanged (CPU outputs).
 PASS_THROUGH = ("record",)
 _NO_GEOMETRY = (np.zeros((0, 2)), np.zeros((0, 4), np.int64), np.zeros((0, 6)), np.zeros((0, 3), np.int64))
@@ -60,7 +61,7 @@ def pack_record(index: int, matrix: np.ndarray, net_vertices: np.ndarray, length
                 geometry_arrays=_NO_GEOMETRY) -> np.ndarray:
     """A sample's non-pixel data as one float64 vector. DALI's parallel external source costs the
     training thread ~0.15 ms per output per batch of 16 (measured: 2.6 ms for 14 outputs, 0.6 ms for
-    2), so the sample index, ``M``, the network-pixel vertices, the polygon lengths, the ignore flags
+    2), so the source has three outputs (bytes, this record, the graph's arguments) and the sample index, ``M``, the network-pixel vertices, the polygon lengths, the ignore flags
     and the four target-geometry arrays (``ocr.data.targets.geometry_to_arrays``) travel as one.
     Layout: ``[index, V, P, E, S]``, M (9), vertices (2V), lengths (P), ignore (P), fill floats (2E),
     fill ints (4E), piece floats (6S), piece ints (3S). The integers (< 2**53) and the float32
@@ -89,10 +90,6 @@ def unpack_record(record: np.ndarray) -> dict:
     if pos != len(record):
         raise ValueError(f"sample record of {len(record)} values does not match its header ({pos} expected)")
     return out
-
-
-def source_outputs(train: bool) -> tuple[str, ...]:
-    return SOURCE_OUTPUTS if train else EVAL_OUTPUTS
 
 
 def cv_round(x: float) -> int:
@@ -179,7 +176,7 @@ class DaliBatchSource:
         self.plan = plan
         self.control = control
         self.target_kwargs = None if target_kwargs is None else dict(target_kwargs)
-        self.outputs = source_outputs(params.train)
+        self.outputs = SOURCE_OUTPUTS
         self._order_epoch: int | None = None
         self._order: np.ndarray | None = None
 
@@ -201,7 +198,7 @@ class DaliBatchSource:
         indices = self._batch_indices(epoch, int(info.iteration))
         columns: tuple[list[np.ndarray], ...] = tuple([] for _ in self.outputs)
         for index in indices:
-            for column, value in zip(columns, self.sample_inputs(int(index), epoch)):  # zip drops unused ones
+            for column, value in zip(columns, self.sample_inputs(int(index), epoch), strict=True):
                 column.append(value)
         return columns
 
@@ -239,11 +236,5 @@ class DaliBatchSource:
                                                                  self.target_kwargs))
         record = pack_record(index, matrix, net_vertices, np.array([len(p) for p in sample.polygons]),
                              np.array(sample.ignore, dtype=bool), geometry_arrays)
-        return (
-            self.source.encoded_array(index),
-            record,
-            np.array(size, dtype=np.float32),
-            np.array(roi, dtype=np.float32),
-            warp.astype(np.float32),
-            np.array(jitter, dtype=np.float32),
-        )
+        args = [size, roi, warp.reshape(-1), jitter] if params.train else [size, roi]
+        return self.source.encoded_array(index), record, np.concatenate(args).astype(np.float32)
