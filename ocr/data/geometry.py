@@ -47,13 +47,17 @@ def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def split_rows(array: np.ndarray, lengths) -> list[np.ndarray]:
-    """``array`` cut into consecutive row blocks of ``lengths`` (views); ~10x faster than ``np.split``,
-    which matters on the training thread (16 images x 50 polygons per batch)."""
-    out, start = [], 0
-    for n in (int(n) for n in lengths):
-        out.append(array[start : start + n])
-        start += n
-    return out
+    """``array`` cut into consecutive row blocks of ``lengths`` (views); much faster than ``np.split``,
+    which matters on the training thread (16 images x 50 polygons per batch). All blocks of one
+    length (quads, the common case): one reshape."""
+    lengths = [int(n) for n in lengths]
+    if not lengths:
+        return []
+    n = lengths[0]
+    if n > 0 and lengths.count(n) == len(lengths) and n * len(lengths) == len(array):
+        return list(array.reshape(len(lengths), n, *array.shape[1:]))
+    ends = np.cumsum(lengths).tolist()
+    return [array[end - k : end] for k, end in zip(lengths, ends)]
 
 
 def transform_polygons(matrix: np.ndarray, polygons) -> list[np.ndarray]:
