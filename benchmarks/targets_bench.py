@@ -1,16 +1,23 @@
 """Benchmark the DB training targets: numpy/OpenCV reference vs the vectorised torch version.
 
     uv run python benchmarks/targets_bench.py [--batch 16] [--polygons 50] [--size 640]
-                                              [--device cpu|cuda] [--threads 2] [--json out.json]
+        [--device cpu|cuda] [--threads 1] [--repeats 10] [--markdown] [--json out.json]
 
 Inputs are receipt-like: per image ``--polygons`` text lines, axis-aligned or slightly rotated boxes
 40-400 px long and 10-30 px tall, a few marked don't-care, some crossing the border.
 
-nanoGPT ``bench.py`` style: warm up, then time ``--repeats`` runs (synchronising on CUDA) and report
-the median (and min) per run. The reference runs one image at a time; the vectorised version one batch
-at a time, split into ``pack`` (host: prepare_polygons + numpy packing) and ``render`` (device).
-Agreement is measured on the same batch: threshold-map mean/max absolute difference, IoU of each
-binary map, and how far from the relevant polygon boundary the differing prob pixels are.
+Defaults are training's: each loader thread (and each DataLoader worker) computes its batches'
+targets with one torch thread (``--threads 1``); the training process runs several such threads
+side by side, so per-thread time is what sets the loader's throughput.
+
+nanoGPT ``bench.py`` style: ``--warmup`` untimed runs, then ``--repeats`` timed runs of each
+implementation (the same number for both; synchronising on CUDA); the median and the min per image
+are reported, and the speed-up from each. The reference runs one image at a time; the vectorised
+version one batch at a time, split into ``pack`` (host: prepare_polygons + numpy packing) and
+``render`` (device). Agreement is measured on the same batch: threshold-map mean/max absolute
+difference, IoU of each binary map, and how far from the relevant polygon boundary the differing
+prob pixels are. ``--markdown`` prints the summary table as markdown (pasted unchanged into the
+README); the JSON records the command, the stack (``ocr.versions.stack``) and the load average.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -104,22 +112,74 @@ def agreement(polys, ignore, ref: list[dict], vec: dict) -> dict:
     return stats
 
 
+def _timings(wall: list[float], cpu: list[float], images: int) -> dict:
+    """Median and min wall-clock ms per image, median CPU ms per image, of ``images`` per call."""
+    return {"ms_per_image": statistics.median(wall) * 1e3 / images, "ms_per_image_min": min(wall) * 1e3 / images,
+            "cpu_ms_per_image": statistics.median(cpu) * 1e3 / images, "runs_ms": [1e3 * t for t in wall]}
+
+
+def summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The headline table: reference, vectorised and the speed-up, median and min."""
+    ref, vec = result["reference"], result["vectorised"]
+    header = ["DB targets", "ms/image (median)", "ms/image (min)", "CPU ms/image (median)"]
+    rows = [
+        ["reference (NumPy/OpenCV, per image)", f"{ref['ms_per_image']:.2f}", f"{ref['ms_per_image_min']:.2f}",
+         f"{ref['cpu_ms_per_image']:.2f}"],
+        ["vectorised (torch, per batch)", f"{vec['ms_per_image']:.2f}", f"{vec['ms_per_image_min']:.2f}",
+         f"{vec['cpu_ms_per_image']:.2f}"],
+        ["speed-up", f"{result['speedup_per_image']:.1f}x", f"{result['speedup_per_image_min']:.1f}x",
+         f"{result['speedup_per_image_cpu_time']:.1f}x"],
+    ]
+    return header, rows
+
+
+def heading(result: dict) -> str:
+    c, s = result["config"], result["stack"]
+    load = ", ".join(f"{x:.2f}" for x in result["loadavg_start"]) + " -> " + ", ".join(
+        f"{x:.2f}" for x in result["loadavg_end"])
+    dirty = " (uncommitted changes)" if s.get("dirty") else ""
+    return (f"`{result['command']}` on {c['device_name']} ({c['cpus']} CPUs), {result['date']}: batch {c['batch']} x "
+            f"{c['polygons_per_image']} polygons, {c['size']}x{c['size']}, torch threads {c['torch_threads']}, "
+            f"tile {c['tile']}, {c['repeats']} timed runs of each after {c['warmup']} warm-up runs; load average "
+            f"{load}; torch {s.get('torch')}, commit {(s.get('commit') or '?')[:10]}{dirty}")
+
+
+def format_summary(result: dict, markdown: bool = False) -> str:
+    header, rows = summary_rows(result)
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in (header, ["---"] * len(header), *rows)]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+        lines = ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths)))
+                 for line in (header, *rows)]
+    return "\n".join([heading(result), "", *lines])
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--polygons", type=int, default=50, help="text lines per image")
     ap.add_argument("--size", type=int, default=640, help="map height and width")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--ref-images", type=int, default=None, help="images timed for the reference (default: batch)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (default 1: each training loader thread computes targets with one)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs of each implementation")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
+    ap.add_argument("--ref-images", type=int, default=None, help="images per reference run (default: batch)")
     ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="columns per distance tile")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-agreement", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="print the summary table as markdown (for the README)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be at least 1 and --warmup at least 0")
 
+    from ocr.hardware import probe
+    from ocr.versions import stack
+
+    loadavg_start = list(os.getloadavg())
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -130,105 +190,90 @@ def main(argv: list[str] | None = None) -> dict:
     polys = [d[0] for d in data]
     ignore = [d[1] for d in data]
     tile = args.tile
+    cpu_dev = torch.device("cpu")
 
-    # --- reference, per image
+    # --- reference, per image (as training's loader threads run it: one sample at a time)
     n_ref = min(args.ref_images or args.batch, args.batch)
-    make_db_targets(polys[0], ignore[0], size, size)  # warm-up
-    ref_wall, ref_cpu = _time(
-        lambda: [make_db_targets(polys[i], ignore[i], size, size) for i in range(n_ref)],
-        max(1, args.repeats // 2),
-        torch.device("cpu"),
-    )
+    reference = lambda: [make_db_targets(polys[i], ignore[i], size, size) for i in range(n_ref)]  # noqa: E731
+    for _ in range(args.warmup):
+        reference()
+    ref_wall, ref_cpu = _time(reference, args.repeats, cpu_dev)
 
     # --- vectorised, per batch
     geom = pack_db_geometry(polys, ignore, size, size, tile=tile)
+    vectorised = lambda: render_db_targets(pack_db_geometry(polys, ignore, size, size, tile=tile), device)  # noqa: E731
     for _ in range(args.warmup):
-        render_db_targets(pack_db_geometry(polys, ignore, size, size, tile=tile), device)
+        vectorised()
     _sync(device)
-    cpu_dev = torch.device("cpu")
-    pack_wall, pack_cpu = _time(lambda: pack_db_geometry(polys, ignore, size, size, tile=tile), args.repeats, cpu_dev)
+    total_wall, total_cpu = _time(vectorised, args.repeats, device)
+    pack_wall, _ = _time(lambda: pack_db_geometry(polys, ignore, size, size, tile=tile), args.repeats, cpu_dev)
     prep_wall, _ = _time(
         lambda: [prepare_polygons(p, i, with_dilated=False) for p, i in zip(polys, ignore)], args.repeats, cpu_dev
     )
-    render_wall, render_cpu = _time(lambda: render_db_targets(geom, device), args.repeats, device)
+    render_wall, _ = _time(lambda: render_db_targets(geom, device), args.repeats, device)
     buffers = render_db_targets(geom, device)
     reuse_wall, _ = _time(lambda: render_db_targets(geom, device, out=buffers), args.repeats, device)
-    total_wall, total_cpu = _time(
-        lambda: render_db_targets(pack_db_geometry(polys, ignore, size, size, tile=tile), device), args.repeats, device
-    )
     med = lambda ts: statistics.median(ts) * 1e3  # noqa: E731
     b = args.batch
-    ref_ms = med(ref_wall) / n_ref
+    ref = _timings(ref_wall, ref_cpu, n_ref)
+    vec = {**_timings(total_wall, total_cpu, b), "ms_per_batch": med(total_wall)}
     result = {
+        "command": shlex.join(["python", "benchmarks/targets_bench.py", *argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "stack": stack(),
         "config": {
             "batch": b,
             "polygons_per_image": args.polygons,
             "size": size,
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else probe().cpu_model,
             "torch_threads": torch.get_num_threads(),
             "tile": tile,
             "repeats": args.repeats,
-            "torch": torch.__version__,
+            "warmup": args.warmup,
+            "reference_images_per_run": n_ref,
             "cpus": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0],
         },
-        "reference_ms_per_image": ref_ms,
-        "reference_ms_per_image_min": min(ref_wall) * 1e3 / n_ref,
-        "reference_cpu_ms_per_image": med(ref_cpu) / n_ref,
-        "vectorised_ms_per_batch": med(total_wall),
-        "vectorised_ms_per_image": med(total_wall) / b,
-        "vectorised_ms_per_image_min": min(total_wall) * 1e3 / b,
-        "vectorised_cpu_ms_per_image": med(total_cpu) / b,
+        "loadavg_start": loadavg_start,
+        "reference": ref,
+        "vectorised": vec,
         "pack_ms_per_batch": med(pack_wall),
         "prepare_polygons_ms_per_batch": med(prep_wall),
         "render_ms_per_batch": med(render_wall),
         "render_ms_per_batch_min": min(render_wall) * 1e3,
         "render_reused_outputs_ms_per_batch": med(reuse_wall),
-        "speedup_per_image": ref_ms / (med(total_wall) / b),
-        "speedup_per_image_cpu_time": (med(ref_cpu) / n_ref) / (med(total_cpu) / b),
+        "speedup_per_image": ref["ms_per_image"] / vec["ms_per_image"],
+        "speedup_per_image_min": ref["ms_per_image_min"] / vec["ms_per_image_min"],
+        "speedup_per_image_cpu_time": ref["cpu_ms_per_image"] / vec["cpu_ms_per_image"],
         "pixel_evaluations_per_image": geom.n_tiles * geom.tile / b,
     }
     if not args.no_agreement:
         out = render_db_targets(geom, device)
-        ref = [make_db_targets(p, i, size, size) for p, i in zip(polys, ignore)]
-        result["agreement"] = agreement(polys, ignore, ref, out)
+        refs = [make_db_targets(p, i, size, size) for p, i in zip(polys, ignore)]
+        result["agreement"] = agreement(polys, ignore, refs, out)
+    result["loadavg_end"] = list(os.getloadavg())
 
-    c = result["config"]
+    print(format_summary(result, markdown=args.markdown))
     print(
-        f"DB targets: batch {b} x {args.polygons} polygons, {size}x{size}, device {c['device_name']}, "
-        f"torch threads {c['torch_threads']}, tile {tile}, {c['cpus']} CPUs, load average {c['load_average_1min']:.1f}"
-    )
-    print(
-        f"  reference   {ref_ms:8.2f} ms/image   (min {result['reference_ms_per_image_min']:.2f}; "
-        f"CPU time {result['reference_cpu_ms_per_image']:.2f})"
-    )
-    print(
-        f"  vectorised  {result['vectorised_ms_per_image']:8.2f} ms/image   (min "
-        f"{result['vectorised_ms_per_image_min']:.2f}; CPU time {result['vectorised_cpu_ms_per_image']:.2f})   "
-        f"{result['vectorised_ms_per_batch']:.2f} ms/batch"
-    )
-    print(
-        f"    pack (host) {result['pack_ms_per_batch']:.2f} ms/batch, of which prepare_polygons "
-        f"{result['prepare_polygons_ms_per_batch']:.2f}; render ({device.type}) "
+        f"\nvectorised: {vec['ms_per_batch']:.2f} ms/batch; pack (host) {result['pack_ms_per_batch']:.2f} ms/batch, "
+        f"of which prepare_polygons {result['prepare_polygons_ms_per_batch']:.2f}; render ({device.type}) "
         f"{result['render_ms_per_batch']:.2f} ms/batch (min {result['render_ms_per_batch_min']:.2f}; "
         f"{result['render_reused_outputs_ms_per_batch']:.2f} writing into the previous batch's outputs)"
-    )
-    print(
-        f"  speed-up    {result['speedup_per_image']:8.1f} x per image (wall-clock medians; "
-        f"{result['speedup_per_image_cpu_time']:.1f} x in CPU time)"
     )
     if "agreement" in result:
         a = result["agreement"]
         print(
-            f"  agreement   thresh MAE {a['thresh_mae']:.2e} (max {a['thresh_max_abs']:.2e}), "
+            f"agreement: thresh MAE {a['thresh_mae']:.2e} (max {a['thresh_max_abs']:.2e}), "
             f"prob IoU {a['prob_map_iou']:.4f} (differing pixels <= "
             f"{a['prob_diff_max_boundary_dist_px']:.2f} px from a shrunk boundary), "
             f"thresh_mask IoU {a['thresh_mask_iou']:.4f}, ignored-region IoU {a['prob_mask_iou_of_masked']:.4f}"
         )
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"  wrote {args.json}")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(args.json)
+        print(f"wrote {args.json}")
     return result
 
 
