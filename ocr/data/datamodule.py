@@ -219,6 +219,15 @@ class OCRDataModule(L.LightningDataModule):
                                                   float(dcfg.cache_config.max_memory_fraction))
         return source
 
+    def transcriptions(self, split: str) -> dict[str, tuple[str, ...]] | None:
+        """``{image name: its GT transcriptions}`` of a loaded split, in the order of the polygons
+        its batches carry (``"###"`` = don't care): what CLEval needs to score the split as
+        ``python -m ocr.metrics`` does. None for a split this datamodule has not loaded."""
+        source = self.sources.get(split)
+        if source is None:
+            return None
+        return {sample.name: sample.transcriptions for sample in source.samples}
+
     def backend_description(self) -> dict:
         return self.choice.to_dict()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning as L
@@ -12,6 +13,11 @@ from ocr.metrics import DetectionEvaluator
 from ocr.models import DBLoss, DBNet, DBPostProcessor
 from ocr.training.device_timer import DeviceTimer
 from ocr.training.scoring import ScoringPool, resolve_workers
+
+log = logging.getLogger(__name__)
+
+#: ``{image name: its GT transcriptions, in the order of its Batch polygons}`` of one split.
+Transcriptions = dict[str, tuple[str, ...]]
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, name: str, min_lr_ratio: float, power: float) -> float:
@@ -44,6 +50,10 @@ class DBNetModule(L.LightningModule):
         self.memory_format = torch.channels_last if cfg.get("channels_last", False) else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.evaluators = {"val": DetectionEvaluator(), "test": DetectionEvaluator()}
+        # per eval stage, the transcriptions of the split it scores (set_transcriptions, or the
+        # trainer's datamodule); resolved at the stage's first eval epoch into _texts
+        self.transcriptions: dict[str, Transcriptions] = {}
+        self._texts: dict[str, Transcriptions | None] = {}
         self.last_metrics: dict[str, dict] = {}
         # per split, the last epoch's forward seconds (CUDA events / wall) and the seconds this
         # thread waited for scoring (EpochTimer puts them in the epoch record)
@@ -63,6 +73,43 @@ class DBNetModule(L.LightningModule):
         """``model.eval_workers`` of the command (test/predict load the checkpoint's model_cfg)."""
         self.eval_workers = int(workers)
         self._close_scoring()
+
+    def set_transcriptions(self, stage: str, transcriptions: Transcriptions) -> None:
+        """The GT transcriptions of the split that ``stage`` ("val" | "test") scores, when the
+        trainer has no datamodule to take them from (``run.test`` passes its loader)."""
+        self.transcriptions[stage] = dict(transcriptions)
+
+    def _split_transcriptions(self, stage: str) -> Transcriptions | None:
+        """CLEval counts each GT word's characters from its transcription, as ``python -m ocr.metrics``
+        does; without them it guesses from the word's shape (at most 10), which on line-level GT
+        (30-60 characters a line) is a different metric. The Batch carries no transcriptions: they
+        are looked up by image name in the split's samples (already in memory), so the batch
+        caches and the DALI pipeline stay as they are."""
+        if stage in self.transcriptions:
+            return self.transcriptions[stage]
+        trainer = self._trainer
+        lookup = getattr(trainer.datamodule, "transcriptions", None) if trainer is not None else None
+        texts = lookup(stage) if lookup is not None else None
+        if texts is None:
+            log.warning("%s: no GT transcriptions (no OCRDataModule, nor set_transcriptions): CLEval estimates each "
+                        "word's characters from its shape, unlike python -m ocr.metrics on line-level text", stage)
+        return texts
+
+    def _batch_transcriptions(self, stage: str, batch: dict) -> list[tuple[str, ...]] | None:
+        texts = self._texts.get(stage)
+        if texts is None:
+            return None
+        out = []
+        for name, polygons in zip(batch["names"], batch["polygons"]):
+            words = texts.get(name)
+            if words is None:
+                raise KeyError(f"{stage}: image {name!r} of a batch is not in the split's annotations "
+                               f"(no transcriptions for CLEval)")
+            if len(words) != len(polygons):
+                raise ValueError(f"{stage}: image {name!r} has {len(polygons)} GT polygons in its batch but "
+                                 f"{len(words)} transcriptions in the split's annotations")
+            out.append(words)
+        return out
 
     def _scoring_pool(self) -> ScoringPool:
         """This process's scoring pool, created on first use and reused by every eval epoch.
@@ -87,6 +134,7 @@ class DBNetModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self._close_scoring()
+        self._texts.clear()  # a later fit / test may bring another datamodule
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images.contiguous(memory_format=self.memory_format))
@@ -109,7 +157,8 @@ class DBNetModule(L.LightningModule):
         # One pinned non-blocking copy + a CUDA event; post-processing and counting run in the
         # pool's workers while the next batches go through the model.
         self._scoring_pool().submit(preds["prob_map"], batch["matrices"], batch["orig_sizes"],
-                                    batch["polygons"], batch["ignore"], batch["names"])
+                                    batch["polygons"], batch["ignore"], batch["names"],
+                                    self._batch_transcriptions(split, batch))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -130,6 +179,8 @@ class DBNetModule(L.LightningModule):
 
     def _eval_epoch_start(self, split: str) -> None:
         self.evaluators[split].reset()
+        if split not in self._texts:
+            self._texts[split] = self._split_transcriptions(split)
         pool = self._scoring_pool()
         if pool.pending:
             pool.discard()  # left by an interrupted epoch

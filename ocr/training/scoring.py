@@ -17,7 +17,7 @@ The probability maps do not travel through the pipe (pickled, a 640-px float32 m
 ~7.5 ms per image, a third of the scoring work, partly in a parent thread that holds the GIL
 while it copies): the dispatcher copies each batch (GIL released) into a
 slot file under /dev/shm that the workers map (:class:`_SharedSlots`), and only the slot's
-name, the matrices, sizes and ground-truth polygons are pickled.
+name, the matrices, sizes and ground truth (polygons, don't-care flags, transcriptions) are pickled.
 
 Workers are started with ``spawn`` (safe with CUDA and DALI in the parent) and never import
 torch: :mod:`ocr.models` imports its names lazily, so :mod:`ocr.models.postprocess` comes
@@ -181,16 +181,16 @@ def _slot_view(ref: tuple) -> np.ndarray:
 
 
 def _score_images(key: tuple, probs: np.ndarray | tuple, matrices: np.ndarray, sizes: np.ndarray,
-                  gt_polygons: Sequence, gt_ignore: Sequence) -> list[ImageCounts]:
+                  gt_polygons: Sequence, gt_ignore: Sequence, gt_texts: Sequence) -> list[ImageCounts]:
     """Post-process ``probs`` ``[n, H, W]`` (an array, or a reference into a slot file) and count
-    each image against its ground truth."""
+    each image against its ground truth (``gt_texts[i]``: image i's transcriptions, or None)."""
     postprocess, evaluator = _scorer(key)
     if isinstance(probs, tuple):
         probs = _slot_view(probs)
     out = []
     for i in range(len(probs)):
         polygons, _scores = postprocess.process_single(probs[i], matrices[i], (float(sizes[i][0]), float(sizes[i][1])))
-        out.append(evaluator.image_counts(gt_polygons[i], gt_ignore[i], polygons))
+        out.append(evaluator.image_counts(gt_polygons[i], gt_ignore[i], polygons, gt_texts[i]))
     if _WORKER:
         _WORKER["tasks"] += 1
     return out
@@ -390,15 +390,19 @@ class ScoringPool:
         return sorted(seen.values(), key=lambda r: r["pid"])
 
     def submit(self, prob_maps, matrices, orig_sizes, gt_polygons: Sequence, gt_ignore: Sequence,
-               names: Sequence[str] | None = None) -> None:
+               names: Sequence[str] | None = None, gt_texts: Sequence | None = None) -> None:
         """Queue one batch: ``prob_maps`` ``[B,1,H,W]`` (or ``[B,H,W]``) probabilities on any
         device, ``matrices`` ``[B,3,3]``, ``orig_sizes`` ``[B,2]`` (h, w), the batch's GT polygons
-        and don't-care flags (original pixels) and its image names (the evaluator's keys).
+        and don't-care flags (original pixels), its image names (the evaluator's keys) and the GT
+        transcriptions of each image (CLEval's character counts, as ``python -m ocr.metrics``
+        takes them; None: estimated from each word's shape).
         Returns at once unless ``max_pending`` batches are in flight (or ``workers=0``)."""
         names = list(names) if names is not None else [None] * len(gt_polygons)
+        gt_texts = list(gt_texts) if gt_texts is not None else [None] * len(gt_polygons)
         if self.workers == 0:
             start = time.perf_counter()
-            counts = _score_images(self._key, *_host_arrays(prob_maps, matrices, orig_sizes), gt_polygons, gt_ignore)
+            counts = _score_images(self._key, *_host_arrays(prob_maps, matrices, orig_sizes), gt_polygons, gt_ignore,
+                                   gt_texts)
             self._done.append((names, counts))
             self.wait_seconds += time.perf_counter() - start
             return
@@ -418,10 +422,11 @@ class ScoringPool:
                 log.warning("scoring pool: %s is missing or too small for %d batches of %.1f MB; the probability "
                             "maps are pickled to the workers instead (slower)", SHM_DIR, self.max_pending, batch_bytes / 2**20)
         slot = self._slots.free.pop() if self._slots is not None and self.shared_memory else None
-        future = self._dispatcher.submit(self._dispatch, probs, mats, sizes, event, list(gt_polygons), list(gt_ignore), slot)
+        future = self._dispatcher.submit(self._dispatch, probs, mats, sizes, event, list(gt_polygons), list(gt_ignore),
+                                         gt_texts, slot)
         self._pending.append(_Batch(names, future, slot))
 
-    def _dispatch(self, probs, mats, sizes, event, gt_polygons, gt_ignore, slot) -> list[cf.Future]:
+    def _dispatch(self, probs, mats, sizes, event, gt_polygons, gt_ignore, gt_texts, slot) -> list[cf.Future]:
         """Dispatcher thread: wait for the batch's copies, put its maps in its slot, queue its tasks."""
         if event is not None:
             event.synchronize()
@@ -440,7 +445,7 @@ class ScoringPool:
             j = min(n, i + self.chunk)
             maps = (path, nbytes, probs.shape, i, j) if slot is not None else probs[i:j]
             tasks.append(self._pool.submit(_score_images, self._key, maps, mats[i:j], sizes[i:j],
-                                           gt_polygons[i:j], gt_ignore[i:j]))
+                                           gt_polygons[i:j], gt_ignore[i:j], gt_texts[i:j]))
         return tasks
 
     def _finish_oldest(self) -> None:
@@ -546,14 +551,16 @@ def _host_arrays(prob_maps, matrices, orig_sizes) -> tuple[np.ndarray, np.ndarra
 def score_batches(batches: Iterable[dict], postprocess_cfg: dict, workers: int = 0,
                   pool: ScoringPool | None = None) -> DetectionEvaluator:
     """Score batches (dicts with ``prob_maps``, ``matrices``, ``orig_sizes``, ``polygons``,
-    ``ignore``, ``names``: a Batch with the model's ``prob_map`` as ``prob_maps``). ``workers=0``
+    ``ignore``, ``names`` and optionally ``texts``, the GT transcriptions of each image: a Batch
+    with the model's ``prob_map`` as ``prob_maps``). ``workers=0``
     scores serially in this thread; otherwise a pool (``pool``, already started, or a new one
     that is closed afterwards; time it started with ``start(wait=True)`` to exclude start-up)."""
     own = pool is None
     pool = pool or ScoringPool(postprocess_cfg, workers)
     try:
         for b in batches:
-            pool.submit(b["prob_maps"], b["matrices"], b["orig_sizes"], b["polygons"], b["ignore"], b.get("names"))
+            pool.submit(b["prob_maps"], b["matrices"], b["orig_sizes"], b["polygons"], b["ignore"], b.get("names"),
+                        b.get("texts"))
         return pool.result()
     finally:
         if own:
@@ -568,8 +575,9 @@ def score_serial(batches: Iterable[dict], postprocess_cfg: dict) -> DetectionEva
     for b in batches:
         results = postprocess(b["prob_maps"], b["matrices"], b["orig_sizes"])
         names = b.get("names") or [None] * len(results)
+        texts = b.get("texts") or [None] * len(results)
         for i, (polygons, _scores) in enumerate(results):
-            evaluator.add(b["polygons"][i], b["ignore"][i], polygons, key=names[i])
+            evaluator.add(b["polygons"][i], b["ignore"][i], polygons, texts[i], key=names[i])
     return evaluator
 
 
@@ -587,7 +595,7 @@ def synthetic_predictions(source, image_size: int, images: int, batch_size: int 
     for first in range(0, images, batch_size):
         idx = [k % len(source) for k in range(first, min(images, first + batch_size))]
         probs = np.zeros((len(idx), 1, image_size, image_size), np.float32)
-        mats, sizes, polygons, ignore, names = [], [], [], [], []
+        mats, sizes, polygons, ignore, texts, names = [], [], [], [], [], []
         for row, k in enumerate(idx):
             sample, (h, w) = source.samples[k], source.sizes[k]
             m = eval_matrix(h, w, image_size)
@@ -609,9 +617,10 @@ def synthetic_predictions(source, image_size: int, images: int, batch_size: int 
             sizes.append((h, w))
             polygons.append([np.asarray(p, np.float32) for p in sample.polygons])
             ignore.append(list(sample.ignore))
+            texts.append(list(sample.transcriptions))
             names.append(f"{first + row}:{sample.name}")  # a cycled sample is another image
         batches.append({"prob_maps": probs, "matrices": np.stack(mats), "orig_sizes": np.asarray(sizes, np.int64),
-                        "polygons": polygons, "ignore": ignore, "names": names})
+                        "polygons": polygons, "ignore": ignore, "texts": texts, "names": names})
     return batches
 
 

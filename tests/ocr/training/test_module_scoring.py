@@ -1,7 +1,12 @@
 """DBNetModule validation through the scoring pool: the epoch record splits validation time,
-the pool lives across epochs and is closed at teardown, and the metrics equal serial scoring."""
+the pool lives across epochs and is closed at teardown, the metrics equal serial scoring, and
+CLEval counts the split's transcriptions as ``python -m ocr.metrics`` does."""
 
 from __future__ import annotations
+
+import contextlib
+import io
+import json
 
 import lightning as L
 import numpy as np
@@ -11,6 +16,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ocr.config import ModelConfig
+from ocr.data.annotations import save_annotations
+from ocr.metrics.__main__ import main as metrics_cli
 from ocr.training.callbacks import EpochTimer, _epoch_line
 from ocr.training.device_timer import DeviceTimer
 from ocr.training.module import DBNetModule
@@ -113,3 +120,96 @@ def test_cuda_scoring_copies_without_host_sync():
             for b, p in zip(batches, preds)]
     expected = score_serial(host, cfg["postprocess"])
     assert result.counts() == expected.counts() and list(result._by_key) == list(expected._by_key)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLEval with the split's transcriptions, as python -m ocr.metrics scores it
+
+LINE = "TOTAL AMOUNT DUE 12.345,67 EUR"  # 30 characters
+
+
+class _FixedProbMap(torch.nn.Module):
+    """Stands in for the network: the same probability map for every image (the scoring
+    after the network is what these tests are about)."""
+
+    def __init__(self, prob: np.ndarray):
+        super().__init__()
+        self.register_buffer("prob", torch.from_numpy(prob)[None, None])
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return {"prob_map": self.prob.expand(len(images), -1, -1, -1)}
+
+
+def _rect(x: float, y: float, w: float, h: float) -> np.ndarray:
+    return np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float32)
+
+
+def _issue_example() -> tuple[dict, np.ndarray, dict]:
+    """One 30-character line (missed), two 3-character words (found) and a don't-care word
+    with a detection on it; identity matrix, 160 px. CLEval's shape guess: 10 characters for
+    the line (120 x 12 px, capped), 3 for each word (30 x 12 px)."""
+    gt = [_rect(20, 20, 120, 12), _rect(20, 60, 30, 12), _rect(70, 60, 30, 12), _rect(20, 100, 30, 12)]
+    texts = (LINE, "abc", "xyz", "###")
+    prob = np.zeros((160, 160), np.float32)
+    for x, y, w, h in ((20, 60, 30, 12), (70, 60, 30, 12), (20, 100, 30, 12)):  # the DB kernels (shrunk)
+        prob[y + 3:y + h - 3, x + 3:x + w - 3] = 0.9
+    batch = {
+        "images": torch.zeros(1, 3, 160, 160), "polygons": [gt], "ignore": [[t == "###" for t in texts]],
+        "matrices": torch.eye(3, dtype=torch.float64)[None], "orig_sizes": torch.tensor([[160, 160]]),
+        "names": ["receipt.jpg"],
+    }
+    return batch, prob, {"receipt.jpg": texts}
+
+
+def _validate(batch: dict, prob: np.ndarray, transcriptions: dict | None, tmp_path) -> tuple[DBNetModule, dict]:
+    cfg = OmegaConf.to_container(OmegaConf.structured(ModelConfig))
+    cfg.update(inner_channels=16, eval_workers=0, channels_last=False)
+    module = DBNetModule(cfg)
+    module.model = _FixedProbMap(prob)
+    if transcriptions is not None:
+        module.set_transcriptions("val", transcriptions)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.validate(module, dataloaders=DataLoader([batch], batch_size=None, collate_fn=lambda b: b), verbose=False)
+    return module, module.last_metrics["val"]
+
+
+def test_validation_cleval_counts_the_transcriptions(tmp_path):
+    """The issue's example: recall 6/36 with the transcriptions (the CLI's figure), not 6/16."""
+    batch, prob, texts = _issue_example()
+    module, metrics = _validate(batch, prob, texts, tmp_path)
+    assert metrics["cleval"]["recall"] == pytest.approx(6 / 36)
+    assert metrics["cleval"]["precision"] == pytest.approx(1.0)  # the detection on "###" is not counted
+
+    # python -m ocr.metrics on the same ground truth and the module's own boxes: the same figures
+    (polygons, _), = module.postprocess(torch.from_numpy(prob)[None, None], batch["matrices"], batch["orig_sizes"])
+    assert len(polygons) == 3
+    gt_words = zip(batch["polygons"][0], texts["receipt.jpg"])
+    save_annotations(tmp_path / "gt.json", {"receipt.jpg": {"words": {
+        f"{k:04d}": {"points": p.tolist(), "transcription": t} for k, (p, t) in enumerate(gt_words)}}})
+    save_annotations(tmp_path / "pred.json", {"receipt.jpg": {"words": {
+        f"{k:04d}": {"points": np.asarray(p, float).tolist()} for k, p in enumerate(polygons)}}})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert metrics_cli(["--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "pred.json")]) == 0
+    cli = json.loads(out.getvalue())
+    for family in ("cleval", "iou"):
+        for name in ("precision", "recall", "hmean"):
+            assert metrics[family][name] == pytest.approx(cli[family][name], abs=1e-9), (family, name)
+
+
+def test_validation_without_transcriptions_guesses_from_shapes(tmp_path, caplog):
+    """No datamodule and no set_transcriptions: the shape guess (recall 6/16), with a warning."""
+    batch, prob, _ = _issue_example()
+    with caplog.at_level("WARNING", logger="ocr.training.module"):
+        _, metrics = _validate(batch, prob, None, tmp_path)
+    assert metrics["cleval"]["recall"] == pytest.approx(6 / 16)
+    assert "no GT transcriptions" in caplog.text
+
+
+def test_validation_refuses_an_image_without_transcriptions(tmp_path):
+    batch, prob, _ = _issue_example()
+    with pytest.raises(KeyError, match="receipt.jpg"):
+        _validate(batch, prob, {"other.jpg": ("abc",)}, tmp_path)
+    with pytest.raises(ValueError, match="4 GT polygons in its batch but 3 transcriptions"):
+        _validate(batch, prob, {"receipt.jpg": (LINE, "abc", "xyz")}, tmp_path)

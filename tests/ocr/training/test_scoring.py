@@ -160,9 +160,28 @@ def test_fork_is_refused():
         ScoringPool(PP, workers=1, start_method="fork")
 
 
+def with_texts(batches: list[dict], length: int = 24) -> list[dict]:
+    """The batches with line-level transcriptions (``length`` characters, far more than the
+    3-4 characters CLEval would guess from the words' shapes); the don't-care word is ``###``."""
+    return [dict(b, texts=[["###" if dc else f"{k:02d}".ljust(length, "x") for k, dc in enumerate(flags)]
+                           for flags in b["ignore"]]) for b in batches]
+
+
+def test_pool_scores_with_the_transcriptions(pool, batches, reference):
+    texted = with_texts(batches)
+    serial = score_serial(texted, PP)
+    assert _same(score_batches(texted, PP, pool=pool), serial)
+    assert _same(score_batches(texted, PP, pool=ScoringPool(PP, workers=0)), serial)
+    # the characters counted are the transcriptions' (24 per counted word), not the shapes' guess
+    counted = sum(not dc for b in batches for flags in b["ignore"] for dc in flags)
+    assert serial.counts()["cleval"]["num_char_gt"] == 24 * counted
+    assert reference.counts()["cleval"]["num_char_gt"] < 8 * counted
+
+
 def test_close_removes_slot_files(pool, batches):  # last: closes the shared pool (it would restart on use)
     score_batches(batches, PP, pool=pool)
     mine = lambda: [f for f in os.listdir("/dev/shm") if f.startswith(f"ocr_scoring_{os.getpid()}_")]  # noqa: E731
     assert mine()
     pool.close()
     assert not mine() and not pool.started
+
