@@ -33,7 +33,7 @@ from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-__all__ = ["IoUCounts", "iou_image_counts", "to_shapely"]
+__all__ = ["IoUCounts", "IoUMatches", "iou_image_counts", "iou_image_matches", "to_shapely"]
 
 _POLYGONAL = ("Polygon", "MultiPolygon")
 
@@ -119,6 +119,18 @@ def _pairwise_intersection_areas(gts: Sequence[BaseGeometry], dets: Sequence[Bas
     return out
 
 
+@dataclass
+class IoUMatches:
+    """How one image's words were matched; indices into the caller's GT / detection lists."""
+
+    care_gt: list[int]  # counted GT words (not don't-care)
+    care_det: list[int]  # counted detections (not dropped as don't-care)
+    pairs: list[tuple[int, int]]  # one-to-one (GT, detection) matches, IoU > threshold
+
+    def counts(self) -> IoUCounts:
+        return IoUCounts(num_gt=len(self.care_gt), num_det=len(self.care_det), num_matched=len(self.pairs))
+
+
 def iou_image_counts(
     gt_polygons: Sequence[np.ndarray],
     gt_ignore: Sequence[bool],
@@ -127,6 +139,17 @@ def iou_image_counts(
     dont_care_overlap: float = 0.5,
 ) -> IoUCounts:
     """ICDAR-2015 counts for one image (see the module docstring for the protocol)."""
+    return iou_image_matches(gt_polygons, gt_ignore, pred_polygons, iou_threshold, dont_care_overlap).counts()
+
+
+def iou_image_matches(
+    gt_polygons: Sequence[np.ndarray],
+    gt_ignore: Sequence[bool],
+    pred_polygons: Sequence[np.ndarray],
+    iou_threshold: float = 0.5,
+    dont_care_overlap: float = 0.5,
+) -> IoUMatches:
+    """The matching behind :func:`iou_image_counts` (which words count, which pairs match)."""
     gt_geoms = [to_shapely(p) for p in gt_polygons]
     det_geoms = [to_shapely(p) for p in pred_polygons]
     ignore = np.asarray([bool(x) for x in gt_ignore], dtype=bool)
@@ -148,9 +171,9 @@ def iou_image_counts(
             det_keep = ~(frac > dont_care_overlap)
     care_det = np.flatnonzero(det_keep)
 
-    counts = IoUCounts(num_gt=len(care_gt), num_det=len(care_det), num_matched=0)
+    matches = IoUMatches(care_gt=[int(i) for i in care_gt], care_det=[int(i) for i in care_det], pairs=[])
     if len(care_gt) == 0 or len(care_det) == 0:
-        return counts
+        return matches
 
     g_list = [gt_geoms[i] for i in care_gt]
     d_list = [det_geoms[i] for i in care_det]
@@ -162,8 +185,6 @@ def iou_image_counts(
         iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
     gi, di = np.nonzero(iou > iou_threshold)
-    if len(gi) == 0:
-        return counts
     # Descending IoU; np.lexsort uses the last key as primary -> ties by GT then detection index.
     order = np.lexsort((di, gi, -iou[gi, di]))
     used_g: set[int] = set()
@@ -174,5 +195,5 @@ def iou_image_counts(
             continue
         used_g.add(g)
         used_d.add(d)
-    counts.num_matched = len(used_g)
-    return counts
+        matches.pairs.append((int(care_gt[g]), int(care_det[d])))
+    return matches

@@ -18,6 +18,7 @@ from ocr.data.datamodule import OCRDataModule
 from ocr.hardware import probe
 from ocr.training.callbacks import CacheStatistics, EpochTimer, RunSummary
 from ocr.training.module import DBNetModule
+from ocr.training.plots import CurvesPlot
 from ocr.versions import stack
 
 log = logging.getLogger(__name__)
@@ -70,23 +71,52 @@ def precision_args(precision: str) -> dict:
     return {"precision": precision, "plugins": None}
 
 
+def ballast_bytes(free: int, total: int, fraction: float) -> int:
+    """Bytes to hold so that only ``fraction`` of the device's ``total`` stays free (0 when
+    less than that is free already)."""
+    return max(0, int(free) - int(fraction * total))
+
+
+def torch_fraction(ballast: int, total: int, fraction: float) -> float:
+    """torch's per-process fraction beside a ballast: the ballast is torch memory, so torch
+    may hold it plus the cap."""
+    return min(1.0, (ballast + fraction * total) / total)
+
+
 class GpuMemoryFraction(Callback):
     """``trainer.gpu_memory_fraction`` on the device this process trains on, set in ``setup``:
     Lightning has chosen the rank's device by then (under DDP each rank caps its own GPU;
     capping before the trainer starts would cap device 0 in every rank, or only in the
-    launching process of a spawn)."""
+    launching process of a spawn).
+
+    ``torch.cuda.set_per_process_memory_fraction`` caps torch's allocator only; DALI's pools and
+    nvJPEG allocate beside it. So the rest of the device's free memory is held by a ballast
+    (a uint8 tensor, allocated before the loaders build their DALI pipelines, released in
+    ``teardown``) and torch's fraction covers the ballast plus the cap: torch and DALI together
+    get what a card of the capped size would have free."""
 
     def __init__(self, fraction: float):
         self.fraction = float(fraction)
+        self.ballast: torch.Tensor | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         device = torch.device(trainer.strategy.root_device)
         if device.type != "cuda":
             return
-        torch.cuda.set_per_process_memory_fraction(self.fraction, device)
-        if trainer.global_rank == 0:
-            log.info("GPU memory capped at %.0f%% of %s (trainer.gpu_memory_fraction%s)", 100 * self.fraction, device,
-                     ", on each rank's own device" if trainer.world_size > 1 else "")
+        if self.ballast is None:
+            free, total = torch.cuda.mem_get_info(device)
+            self.ballast = torch.empty(ballast_bytes(free, total, self.fraction), dtype=torch.uint8, device=device)
+            torch.cuda.set_per_process_memory_fraction(torch_fraction(self.ballast.numel(), total, self.fraction), device)
+            log.info("GPU memory capped at %.0f%% of %s (trainer.gpu_memory_fraction, rank %d): ballast of %.2f GB "
+                     "holds the rest of the free memory (%.2f GB free before)", 100 * self.fraction, device,
+                     trainer.global_rank, self.ballast.numel() / 2**30, free / 2**30)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.ballast is not None:
+            device = self.ballast.device
+            self.ballast = None
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
@@ -200,7 +230,7 @@ def train(cfg: DictConfig) -> Path:
     checkpoints = _checkpoint_callbacks(output_dir / "checkpoints", validate)
     checkpoint = checkpoints[0]
     callbacks = [timer, CacheStatistics(datamodule, summary, timer), summary, *checkpoints,
-                 LearningRateMonitor(logging_interval="epoch")]
+                 LearningRateMonitor(logging_interval="epoch"), CurvesPlot(output_dir / "curves.png", timer, cfg.exp_name)]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // 2)))
     trainer = build_trainer(cfg, output_dir, precision, callbacks, build_loggers(cfg, output_dir), validate)
@@ -260,6 +290,19 @@ def _differences(given: dict, saved: dict, keys) -> list[str]:
     return [f"{k} {saved[k]} -> {given[k]}" for k in keys if k in saved and k in given and given[k] != saved[k]]
 
 
+def _module_from_checkpoint(path: Path) -> DBNetModule:
+    """The checkpoint's model, built with ``pretrained=False``: the checkpoint holds every
+    weight, and fetching the ImageNet weights a run started from fails on an offline machine."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hparams = checkpoint["hyper_parameters"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one clear error
+        raise ConfigError(f"ckpt_path: {path} is not a training checkpoint ({type(exc).__name__}: {exc})") from exc
+    module = DBNetModule({**hparams["model_cfg"], "pretrained": False}, eval_data=hparams.get("eval_data"))
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
+
+
 def _load_module(cfg: DictConfig) -> DBNetModule:
     """The checkpoint's model, post-processed as this command's ``model.postprocess`` says;
     a ``model.*`` architecture key or an evaluation input setting that differs from the
@@ -269,7 +312,7 @@ def _load_module(cfg: DictConfig) -> DBNetModule:
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path: checkpoint {path} not found")
-    module = DBNetModule.load_from_checkpoint(str(path), map_location="cpu")
+    module = _module_from_checkpoint(path)
     saved = module.hparams.model_cfg
     given = OmegaConf.to_container(cfg.model, resolve=True)
     changed = _differences(given, saved, ("backbone", "inner_channels", "k"))
@@ -298,6 +341,7 @@ def test(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup("test")
     module.evaluators["test"].reset()
+    module.set_transcriptions("test", datamodule.transcriptions(split))  # CLEval as python -m ocr.metrics
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
     datamodule.trainer = trainer  # the loader's caches read the trainer's limits and device
     loader = datamodule.split_loader(split)
@@ -332,6 +376,7 @@ def predict(cfg: DictConfig) -> Path:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ConfigError(f"input_dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    overlay_gt = _overlay_ground_truth(cfg, folder, paths)
     samples = [Sample(name=p.name, path=p, polygons=(), ignore=(), word_ids=(), transcriptions=()) for p in paths]
     loader = build_loader(choose_backend(cfg.loader, trainer_cfg=cfg.trainer), SampleSource(samples, split="predict"), transform_params(cfg.data, train=False),
                           {}, batch_size=cfg.loader.eval_batch_size, shuffle=False, drop_last=False, seed=cfg.seed, with_targets=False)
@@ -340,11 +385,31 @@ def predict(cfg: DictConfig) -> Path:
     images = {}
     for item in (item for batch in batches for item in batch):
         words = {
-            f"{i + 1:04d}": {"points": [[round(float(x), 2), round(float(y), 2)] for x, y in poly], "score": round(float(score), 4)}
+            # full precision: python -m ocr.metrics then scores the boxes that runners/test.py scores
+            f"{i + 1:04d}": {"points": [[float(x), float(y)] for x, y in poly], "score": round(float(score), 4)}
             for i, (poly, score) in enumerate(zip(item["polygons"], item["scores"]))
         }
         images[item["name"]] = {"words": words}
     out = Path(cfg.output_json) if cfg.output_json else output_dir / "predictions.json"
     save_annotations(out, images)
     log.info("Predictions for %d images (%d words) written to %s", len(images), sum(len(v["words"]) for v in images.values()), out)
+    if cfg.overlays:
+        from ocr.training.overlays import write_overlays
+
+        write_overlays(Path(cfg.overlays), paths, images, overlay_gt)
     return out
+
+
+def _overlay_ground_truth(cfg: DictConfig, folder: Path, paths: list[Path]) -> dict | None:
+    """Check ``overlays`` / ``gt_json`` before the model runs; the GT words of the images, or None."""
+    if not cfg.overlays:
+        if cfg.gt_json:
+            raise ConfigError("gt_json is only read for overlays: add overlays=FOLDER")
+        return None
+    if Path(cfg.overlays).resolve() == folder.resolve():
+        raise ConfigError(f"overlays: {cfg.overlays} is input_dir; the overlays would replace the input images")
+    if not cfg.gt_json:
+        return None
+    from ocr.training.overlays import load_ground_truth
+
+    return load_ground_truth(cfg.gt_json, [p.name for p in paths])
