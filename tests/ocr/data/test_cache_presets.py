@@ -1,5 +1,6 @@
-"""Performance presets compose, mean what the receipt project documented, default to the
-fastest safe settings, and explicit overrides always win over them."""
+"""Performance presets compose, mean what the receipt project documented and what their names
+say (none, minimal and memory_efficient differ), default to the fastest safe settings, and
+explicit overrides always win over them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from small_data import VAL, compose_small, tiny_dataset
 
 from ocr.config import register_configs
+from ocr.data.datamodule import OCRDataModule
 
 REPO = Path(__file__).resolve().parents[3]
 PRESETS = ("none", "minimal", "balanced", "validation_optimized", "memory_efficient", "auto")
@@ -26,20 +29,22 @@ def features(cfg, split) -> dict:
     cc = c.cache_config
     return {"preload_images": c.preload_images, "cache_images": cc.cache_images, "tensors": cc.cache_transformed_tensors,
             "load_maps": c.load_maps, "preload_maps": c.preload_maps, "cache_maps": cc.cache_maps,
-            "preload_decoded": c.preload_decoded}
+            "preload_decoded": c.preload_decoded, "store": cc.store}
 
 
 NOTHING = dict(preload_images=False, cache_images=False, tensors=False, load_maps=False, preload_maps=False,
-               cache_maps=False, preload_decoded=False)
+               cache_maps=False, preload_decoded=False, store="auto")
 BALANCED = {**NOTHING, "preload_images": True}
 EVAL_FULL = dict(preload_images=True, cache_images=False, tensors=True, load_maps=True, preload_maps=True,
-                 cache_maps=True, preload_decoded=False)
+                 cache_maps=True, preload_decoded=False, store="auto")
+RECORD_IN_MEMORY = {**NOTHING, "tensors": True}  # recorded during the first pass, nothing read up front
+RECORD_ON_DISK = {**RECORD_IN_MEMORY, "store": "disk"}
 
 
 @pytest.mark.parametrize("preset, train, evals", [
     ("none", NOTHING, NOTHING),
-    ("minimal", NOTHING, NOTHING),
-    ("memory_efficient", NOTHING, NOTHING),
+    ("minimal", NOTHING, RECORD_IN_MEMORY),
+    ("memory_efficient", NOTHING, RECORD_ON_DISK),
     ("balanced", BALANCED, BALANCED),
     ("validation_optimized", NOTHING, EVAL_FULL),
     ("auto", BALANCED, EVAL_FULL),
@@ -96,3 +101,84 @@ def test_unknown_preset_fails():
 
     with pytest.raises(ConfigCompositionException):
         _compose(overrides=["data/performance_preset=fastest"])
+
+
+def start_up_work(cfg) -> list[str]:
+    """What a preset makes a run do before its first batch, per split."""
+    work = []
+    for split in SPLITS:
+        f = features(cfg, split)
+        work += [f"{split}: {k}" for k in ("preload_images", "cache_images", "preload_decoded", "preload_maps") if f[k]]
+        if f["load_maps"]:
+            work.append(f"{split}: open the precomputed maps")
+        if f["tensors"] and f["store"] == "disk":
+            work.append(f"{split}: verify an earlier disk entry")
+    return work
+
+
+def held_in_memory(cfg) -> list[str]:
+    """What a preset keeps in RAM or GPU memory for the run, per split."""
+    held = []
+    for split in SPLITS:
+        f = features(cfg, split)
+        held += [f"{split}: {k}" for k in ("preload_images", "cache_images", "preload_decoded", "preload_maps",
+                                           "cache_maps") if f[k]]
+        if f["tensors"] and f["store"] != "disk":
+            held.append(f"{split}: batches")
+    return held
+
+
+def test_every_preset_is_distinct():
+    settings = {p: tuple(tuple(sorted(features(_compose(overrides=[f"data/performance_preset={p}"]), s).items()))
+                         for s in SPLITS) for p in PRESETS}
+    assert len(set(settings.values())) == len(PRESETS), settings
+
+
+def test_none_does_nothing_at_all():
+    cfg = _compose(overrides=["data/performance_preset=none"])
+    assert all(features(cfg, s) == NOTHING for s in SPLITS)
+    assert start_up_work(cfg) == [] and held_in_memory(cfg) == []
+
+
+def test_minimal_does_the_least_start_up_work_of_the_caching_presets():
+    cfg = _compose(overrides=["data/performance_preset=minimal"])
+    assert start_up_work(cfg) == []
+    assert features(cfg, "val")["tensors"]  # unlike none, validation is replayed after the first pass
+    for preset in ("balanced", "validation_optimized", "memory_efficient", "auto"):
+        assert start_up_work(_compose(overrides=[f"data/performance_preset={preset}"])), preset
+
+
+def test_memory_efficient_holds_nothing_in_memory_but_keeps_a_validation_cache():
+    cfg = _compose(overrides=["data/performance_preset=memory_efficient"])
+    assert held_in_memory(cfg) == []
+    assert features(cfg, "val")["tensors"] and features(cfg, "test")["tensors"]
+    # every other preset with a validation cache holds something in memory
+    for preset in ("minimal", "validation_optimized", "auto"):
+        other = _compose(overrides=[f"data/performance_preset={preset}"])
+        assert features(other, "val")["tensors"] and held_in_memory(other), preset
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory, "presets", seed=4, num_val=3, num_train=2)
+
+
+@pytest.mark.parametrize("preset, store", [("none", None), ("minimal", "host"), ("memory_efficient", "disk"),
+                                           ("balanced", None)])
+def test_presets_at_run_time(tiny_root, tmp_path, preset, store):
+    """Through the datamodule: what is read at start, and where validation batches are kept."""
+    cfg = compose_small(tiny_root, f"data/performance_preset={preset}", f"{VAL}.cache_config.cache_dir={tmp_path}")
+    dm = OCRDataModule(cfg, splits=("train", "val"))
+    dm.setup("fit")
+    preloaded = {s for s in ("train", "val") if dm.sources[s].preloaded}
+    assert preloaded == ({"train", "val"} if preset == "balanced" else set())
+    loader = dm.val_dataloader()
+    first, second = list(loader), list(loader)
+    assert len(first) == len(second) == 2
+    tensors = dm.cache_stats().get("val", {}).get("tensors")
+    if store is None:
+        assert tensors is None
+        return
+    assert tensors["store"] == store and [p["action"] for p in tensors["passes"]] == ["record", "replay"]
+    entries = list((tmp_path / "tensors").glob("val-*")) if (tmp_path / "tensors").is_dir() else []
+    assert len(entries) == (1 if store == "disk" else 0)
