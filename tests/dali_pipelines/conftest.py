@@ -1,17 +1,19 @@
-"""Shared fixtures: a tiny generated receipt dataset."""
+"""Shared fixtures: a tiny generated receipt dataset.
+
+DALI is a hard dependency (pyproject.toml): a broken or missing install fails these tests
+at collection instead of skipping them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import nvidia.dali  # noqa: F401 - fail, not skip, when DALI does not import
 import pytest
+import torch
 
 from ocr.data.annotations import load_annotations
 from ocr.data.source import SampleSource
 from ocr.data.synthetic import generate_dataset
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("nvidia.dali")
 
 
 def cuda_usable() -> bool:

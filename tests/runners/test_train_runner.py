@@ -79,21 +79,25 @@ def test_train_improves_loss_and_writes_summary(tiny_root, tmp_path):
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(metrics) == {"cleval", "iou"} and 0.0 <= metrics["cleval"]["hmean"] <= 1.0
     assert "differs" not in proc.stderr + proc.stdout
-    # the command's post-processing is used (and said); an input size unlike training's is a warning
+    # the command's post-processing is used (and said): only box_thresh changes, so the
+    # probability maps are the same and a higher threshold keeps a subset of the boxes
     proc = _run("test.py", f"data.root={tiny_root}", f"hydra.run.dir={tmp_path / 'test2'}",
-                f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", *COMMON, "data.image_size=96",
-                "model.postprocess.box_thresh=0.99", cwd=tmp_path)
+                f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", *COMMON, "model.postprocess.box_thresh=0.99",
+                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stderr + proc.stdout
-    assert "not the checkpoint's: box_thresh 0.6 -> 0.99" in log
-    assert "data.* differs from the run that trained this checkpoint (image_size 128 -> 96)" in log
+    assert "not the checkpoint's: box_thresh 0.4 -> 0.99" in proc.stderr + proc.stdout
     strict = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert strict["iou"]["precision"] <= metrics["iou"]["precision"] or strict["iou"]["recall"] <= metrics["iou"]["recall"]
+    # the checkpoint finds a few words (IoU recall 0.016 when measured), all scoring below 0.99
+    assert metrics["iou"]["recall"] > 0
+    assert strict["iou"]["recall"] < metrics["iou"]["recall"]
 
+    # an input size unlike training's is a warning (the check test.py and predict.py share)
     pred_json = tmp_path / "pred.json"
     proc = _run("predict.py", f"hydra.run.dir={tmp_path / 'pred'}", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
-                f"input_dir={tiny_root / 'images' / 'test'}", f"output_json={pred_json}", *COMMON, cwd=tmp_path)
+                f"input_dir={tiny_root / 'images' / 'test'}", f"output_json={pred_json}", *COMMON,
+                "data.image_size=96", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data.* differs from the run that trained this checkpoint (image_size 128 -> 96)" in proc.stderr + proc.stdout
     predictions = json.loads(pred_json.read_text())["images"]
     assert sorted(predictions) == sorted(p.name for p in (tiny_root / "images" / "test").iterdir())
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ocr.data import synthetic as S
+from ocr.data.annotations import load_annotations
 
 REPO = Path(__file__).resolve().parents[3]
 COUNTS = dict(num_train=6, num_val=3, num_test=3)
@@ -89,9 +90,8 @@ def test_json_contract(dataset: Path):
 
 
 def test_annotation_loader_accepts_it(dataset: Path):
-    annotations = pytest.importorskip("ocr.data.annotations")
     for split in S.SPLITS:
-        samples = annotations.load_annotations(dataset / "jsons" / f"{split}.json", dataset / "images" / split)
+        samples = load_annotations(dataset / "jsons" / f"{split}.json", dataset / "images" / split)
         assert len(samples) == {"train": 6, "val": 3, "test": 3}[split]
         assert all(s.num_words > 0 for s in samples)
 
