@@ -161,10 +161,10 @@ cmd_loader() {
 cmd_matrix() {
   local t=$1 cell
   cell=$(( (t - 10) / 2 )); [ "$cell" -lt 10 ] && cell=10   # two cells share the step's time
-  local common=(--caches on --force --timeout "$cell" --out "$WORK/results/matrix"
+  local common=(--caches on --force --repeats 1 --timeout "$cell" --out "$WORK/results/matrix"
                 --cells-dir "$WORK/matrix_cells" "data.root=$DATA")
   if [ "$DRY" = 1 ]; then
-    CMD=("$PY" benchmarks/run_matrix.py --loaders cpu,dali-cpu --precisions 32-true --epochs 1 --limit-train-batches 2
+    CMD=("$PY" benchmarks/run_matrix.py --loaders cpu,dali-cpu --precisions 32-true --epochs 2 --limit-train-batches 2
          --limit-val-batches 1 "${common[@]}" data.image_size=128 model.inner_channels=32 loader.batch_size=2
          loader.eval_batch_size=2)
   else
@@ -358,15 +358,15 @@ if isinstance(loader.get("results"), list):
     summary["loader_raw_bound_img_s"] = loader.get("raw_bound_img_s")
 if matrix is not None:
     rows = [r for r in matrix.get("rows", []) if isinstance(r, dict)]
-    keys = ("cell", "status", "reason", "train_s", "img_s", "epoch_s", "epoch_s_later", "val_s_first", "val_s_later",
-            "cache_hit_rate", "peak_gpu_gb")
+    keys = ("cell", "status", "reason", "train_s_later", "img_s_later", "epoch_s_first", "epoch_s_later", "val_s_first",
+            "val_s_later", "cache_hit_rate", "peak_gpu_gb")
     summary["matrix"] = [{k: r.get(k) for k in keys if r.get(k) is not None} for r in rows]
     ok = {r.get("loader"): r for r in rows if r.get("status") == "ok"}
     base = ok.get("cpu")
     for r in ok.values():
         if base is None or r is base:
             continue
-        for key in ("train_s", "epoch_s", "epoch_s_later"):
+        for key in ("train_s_later", "epoch_s_first", "epoch_s_later"):
             if base.get(key) and r.get(key):
                 summary.setdefault("matrix_speedup_vs_cpu", {}).setdefault(r.get("loader"), {})[key] = round(
                     base[key] / r[key], 2)

@@ -64,10 +64,12 @@ class PlannedCell:
     def overrides(self, common: list[str]) -> list[str]:
         return [*common, *self.extra_overrides, *self.cell.overrides()]
 
-    def key(self, common: list[str]) -> str:
-        """Identity of a finished cell for reuse: every override that shapes the run."""
-        payload = json.dumps(self.overrides(common), sort_keys=False)
-        return f"{self.cell.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+    def key(self, common: list[str], versions: dict, repeat: int = 0) -> str:
+        """Identity of a finished run for reuse: every override that shapes the run, the code
+        version (commit, dirty flag) and the library versions (``ocr.versions.stack()``), and
+        which repeat it is. Any change there gives another folder, so nothing stale is reused."""
+        payload = json.dumps({"overrides": self.overrides(common), "versions": versions}, sort_keys=True, default=str)
+        return f"{self.cell.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}-r{repeat}"
 
     def to_dict(self) -> dict:
         return {**asdict(self.cell), "name": self.cell.name, "skip_reason": self.skip_reason, "note": self.note}

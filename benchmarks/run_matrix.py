@@ -1,22 +1,26 @@
 """Benchmark matrix: CPU vs DALI loaders, precisions and caches on this machine.
 
     uv run python benchmarks/run_matrix.py [--quick] [--loaders cpu,dali-gpu,dali-cpu]
-        [--precisions 32-true,16-mixed] [--caches off,on] [--epochs 3]
+        [--precisions 32-true,16-mixed] [--caches off,on] [--epochs 3] [--repeats 3]
         [--limit-train-batches N] [--limit-val-batches N] [--emulate-tier entry|mid]
         [--force] [--out DIR] [hydra.overrides=...]
     uv run python benchmarks/run_matrix.py --loader-only [--root DIR]
     uv run python benchmarks/run_matrix.py report DIR [DIR ...] [--out DIR]
 
 Each cell is a separate runners/train.py process with the same seed, epochs and batch
-limits; its run_summary.json gives the figures. Cells this machine cannot run are listed
-as skipped with the reason; a failing cell is recorded and the matrix goes on; finished
-cells are reused on a re-run (same overrides) unless --force.
+limits, run --repeats times (round the whole matrix); its run_summary.json gives the
+figures. The headline is the steady state (epochs 1+, median over the runs, with min..max);
+epoch 0, the warm-up, has its own column. Cells this machine cannot run are listed as
+skipped with the reason; a failing cell is recorded and the matrix goes on. A finished run
+is reused on a re-run only when its overrides, commit, dirty flag and library versions are
+the same (the report marks it, with the date it ran), unless --force.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -27,13 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matrix_plan import (  # noqa: E402
     DEFAULT_CACHES, DEFAULT_LOADERS, DEFAULT_PRECISIONS, PlanError, PlannedCell, emulation_overrides, plan_cells,
 )
-from matrix_report import add_speedups, figures_from_summary, markdown_table, merge_results, write_outputs  # noqa: E402
+from matrix_report import (  # noqa: E402
+    add_speedups, aggregate_runs, figures_from_summary, markdown_table, merge_results, write_outputs,
+)
 
 from ocr.versions import stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-QUICK = {"epochs": 2, "limit_train_batches": 3, "limit_val_batches": 3}
+# --quick: epochs 1-2 are the steady state; one validation batch (an untrained model's validation
+# time is mostly post-processing of noise maps, see the caveat). Explicit flags win over these.
+QUICK = {"epochs": 3, "limit_train_batches": "3", "limit_val_batches": "1", "repeats": 1}
+FULL = {"epochs": 3, "limit_train_batches": "1.0", "limit_val_batches": "1.0", "repeats": 3}
 
 
 def _csv(value: str) -> list[str]:
@@ -42,14 +51,15 @@ def _csv(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"short cells: {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"short cells: {QUICK} (else {FULL})")
     p.add_argument("--loaders", type=_csv, default=list(DEFAULT_LOADERS))
     p.add_argument("--precisions", type=_csv, default=list(DEFAULT_PRECISIONS))
     p.add_argument("--caches", type=_csv, default=list(DEFAULT_CACHES))
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--limit-train-batches", default="1.0")
-    p.add_argument("--limit-val-batches", default="1.0")
+    p.add_argument("--epochs", type=int, default=None, help="epoch 0 is the warm-up; the speed-ups are from epochs 1+")
+    p.add_argument("--limit-train-batches", default=None)
+    p.add_argument("--limit-val-batches", default=None)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeats", type=int, default=None, help="runs per cell; the report gives median and spread")
     p.add_argument("--emulate-tier", choices=["entry", "mid"], default=None)
     p.add_argument("--force", action="store_true", help="re-run cells that finished before")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
@@ -77,21 +87,29 @@ def machine() -> dict:
     return {"hardware": info, "cuda": torch.cuda.is_available(), "dali": dali}
 
 
-def run_cell(planned: PlannedCell, common: list[str], cells_dir: Path, force: bool, timeout: int) -> dict:
-    """Run (or reuse) one cell; returns its row (figures or the failure)."""
-    key = planned.key(common)
-    run_dir = cells_dir / key
+def _started(summary: dict, summary_path: Path) -> str:
+    """When a run started (its summary's ``started_at``, else the summary file's time)."""
+    return summary.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(summary_path.stat().st_mtime))
+
+
+def run_cell(planned: PlannedCell, common: list[str], cells_dir: Path, *, versions: dict, repeat: int = 0,
+             force: bool = False, timeout: int = 3600) -> dict:
+    """Run (or reuse) one run of one cell; returns its figures or the failure. A finished run
+    is reused only from the folder of the same key (overrides, code and library versions, repeat)."""
+    run_dir = cells_dir / planned.key(common, versions, repeat)
     summary_path = run_dir / "run_summary.json"
-    overrides = planned.overrides(common)
     if not force and summary_path.is_file():
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         if summary.get("status") == "finished":
-            return {"status": "ok", "reused": True, "run_dir": str(run_dir), **figures_from_summary(summary)}
+            return {"status": "ok", "reused": True, "run_dir": str(run_dir),
+                    "started_at": _started(summary, summary_path), **figures_from_summary(summary)}
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(REPO / "runners" / "train.py"), f"hydra.run.dir={run_dir}",
-           f"exp_name=matrix_{planned.cell.name}", *overrides]
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n", encoding="utf-8")
+           f"exp_name=matrix_{planned.cell.name}", *planned.overrides(common)]
+    (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n", encoding="utf-8")
+    (run_dir / "key.json").write_text(json.dumps({"overrides": planned.overrides(common), "versions": versions,
+                                                  "repeat": repeat}, indent=2, default=str), encoding="utf-8")
     started = time.perf_counter()
     with open(run_dir / "train.log", "w", encoding="utf-8") as log_file:
         try:
@@ -102,20 +120,41 @@ def run_cell(planned: PlannedCell, common: list[str], cells_dir: Path, force: bo
     wall = round(time.perf_counter() - started, 1)
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     if code == 0 and summary.get("status") == "finished":
-        return {"status": "ok", "reused": False, "run_dir": str(run_dir), "process_wall_s": wall, **figures_from_summary(summary)}
+        return {"status": "ok", "reused": False, "run_dir": str(run_dir), "process_wall_s": wall,
+                "started_at": _started(summary, summary_path), **figures_from_summary(summary)}
     tail = (run_dir / "train.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
     reason = f"exit {code}: {summary.get('error') or tail[0]}"[:300]
     return {"status": "failed", "reason": reason, "run_dir": str(run_dir), "process_wall_s": wall}
 
 
-def run_matrix(args) -> int:
+def cell_row(runs: list[dict]) -> dict:
+    """A cell's row from its runs: failed if one failed, else the runs' medians and spread,
+    which runs were reused (and when they ran)."""
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:
+        return {"status": "failed", "reason": failed[0]["reason"], "runs": runs}
+    meta = ("status", "reused", "run_dir", "started_at", "process_wall_s")
+    figures = aggregate_runs([{k: v for k, v in r.items() if k not in meta} for r in runs])
+    return {"status": "ok", **figures, "runs": runs, "reused_dates": [r["started_at"] for r in runs if r["reused"]]}
+
+
+def _settings(args) -> tuple[int, str, str, int]:
+    """(epochs, limit_train_batches, limit_val_batches, repeats): the flags given, else the
+    defaults of --quick or of a full matrix."""
+    defaults = QUICK if args.quick else FULL
+    return tuple(defaults[key] if getattr(args, key) is None else getattr(args, key)
+                 for key in ("epochs", "limit_train_batches", "limit_val_batches", "repeats"))
+
+
+def run_matrix(args, command: str) -> int:
     info = machine()
     hw = info["hardware"]
     tier = hw["tier"] if not args.emulate_tier else f"emulated-{args.emulate_tier}"
     label = hw["tier"] if not args.emulate_tier else f"{args.emulate_tier} (emulated on {hw['tier']}: {hw['device']})"
-    epochs, ltb, lvb = args.epochs, args.limit_train_batches, args.limit_val_batches
-    if args.quick:
-        epochs, ltb, lvb = QUICK["epochs"], QUICK["limit_train_batches"], QUICK["limit_val_batches"]
+    epochs, ltb, lvb, repeats = _settings(args)
+    if epochs < 2:
+        print(f"warning: {epochs} epoch per cell: epoch 0 is the warm-up, so there is no steady-state figure "
+              "and no steady speed-up (use --epochs 2 or more)", file=sys.stderr, flush=True)
     common = [f"seed={args.seed}", f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={ltb}",
               f"trainer.limit_val_batches={lvb}", "trainer.enable_progress_bar=false", "logger.wandb.enabled=false",
               *args.overrides]
@@ -123,48 +162,68 @@ def run_matrix(args) -> int:
         gpu_total = max((g["memory_total_gb"] for g in hw["gpus"]), default=None)
         common += emulation_overrides(args.emulate_tier, gpu_total)
     plan = plan_cells(args.loaders, args.precisions, args.caches, cuda=info["cuda"], dali=info["dali"])
+    versions = stack()
     out_dir = args.out or RESULTS / tier / time.strftime("%Y%m%d-%H%M%S")
     cells_dir = args.cells_dir or RESULTS / tier / "cells"
     runnable = [c for c in plan if not c.skip_reason]
-    print(f"Benchmark matrix on {hw['device']} (tier {label}): {len(plan)} cells, {len(runnable)} runnable, "
-          f"{len(plan) - len(runnable)} skipped; results -> {out_dir}", flush=True)
+    print(f"Benchmark matrix on {hw['device']} (tier {label}): {len(plan)} cells, {len(runnable)} runnable x "
+          f"{repeats} run(s), {len(plan) - len(runnable)} skipped; results -> {out_dir}", flush=True)
 
-    rows, durations, started = [], [], time.perf_counter()
-    done = 0
+    # Repeats go round the whole matrix, so a slow spell of a shared machine is spread over the cells.
+    runs: dict[str, list[dict]] = {c.cell.name: [] for c in runnable}
+    durations, started, total, done = [], time.perf_counter(), len(runnable) * repeats, 0
+    for repeat in range(repeats):
+        for planned in runnable:
+            name = planned.cell.name
+            if any(r["status"] != "ok" for r in runs[name]):
+                total -= 1
+                continue
+            done += 1
+            elapsed = time.perf_counter() - started
+            eta = sum(durations) / len(durations) * (total - done + 1) / 60 if durations else None
+            eta = f", ~{eta:.1f} min remaining" if eta is not None else ""
+            print(f"[{done}/{total}] {name} run {repeat + 1}/{repeats} (elapsed {elapsed / 60:.1f} min{eta})",
+                  flush=True)
+            t0 = time.perf_counter()
+            run = run_cell(planned, common, cells_dir, versions=versions, repeat=repeat, force=args.force,
+                           timeout=args.timeout)
+            if not run.get("reused"):
+                durations.append(time.perf_counter() - t0)
+            runs[name].append(run)
+            print(f"      {_run_line(run)}", flush=True)
+
+    rows = []
     for order, planned in enumerate(plan):
         row = {"tier": label, "order": order, "baseline": planned.cell.is_baseline, **planned.to_dict(),
-               "cell": planned.cell.name, "emulated": bool(args.emulate_tier)}
+               "cell": planned.cell.name, "emulated": bool(args.emulate_tier), "command": command, "stack": versions}
         if planned.skip_reason:
             row.update(status="skipped", reason=planned.skip_reason)
-            print(f"  - {planned.cell.name}: skipped ({planned.skip_reason})", flush=True)
-            rows.append(row)
-            continue
-        done += 1
-        elapsed = time.perf_counter() - started
-        remaining = (sum(durations) / len(durations)) * (len(runnable) - done + 1) if durations else None
-        eta = f", ~{remaining / 60:.1f} min remaining" if remaining is not None else ""
-        print(f"[{done}/{len(runnable)}] {planned.cell.name} (elapsed {elapsed / 60:.1f} min{eta})", flush=True)
-        t0 = time.perf_counter()
-        row.update(run_cell(planned, common, cells_dir, args.force, args.timeout))
-        if not row.get("reused"):
-            durations.append(time.perf_counter() - t0)
-        status = row["status"] + (" (reused)" if row.get("reused") else "")
-        figures = f"{row['epoch_s']:.1f} s/epoch, hmean {row.get('hmean') or 0:.3f}" if row["status"] == "ok" else row.get("reason", "")
-        print(f"      {status}: {figures}", flush=True)
+        else:
+            row.update(cell_row(runs[planned.cell.name]))
         rows.append(row)
     add_speedups(rows)
-    header = {"kind": "matrix", "hardware_label": label, "device": hw["device"], "hardware": hw,
+    header = {"kind": "matrix", "hardware_label": label, "device": hw["device"], "hardware": hw, "command": command,
               "caveat": ("--quick: a few batches of an untrained model; validation time is then mostly "
                          "post-processing of noise maps and hmean is 0, so read the train columns and the cache "
                          "hit rate, not the validation speed-ups") if args.quick else None,
-              "settings": {"epochs": epochs, "limit_train_batches": ltb, "limit_val_batches": lvb,
-                           "seed": args.seed, "overrides": common}, "versions": stack(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "settings": {"epochs": epochs, "steady_epochs": max(0, epochs - 1), "limit_train_batches": ltb,
+                           "limit_val_batches": lvb, "repeats": repeats, "seed": args.seed, "overrides": common},
+              "versions": versions, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result = write_outputs(out_dir, rows, header, f"Benchmark matrix: {label}")
     print("\n" + result["table"] + f"\n\nWritten: {out_dir}/report.md, results.json, results.csv, speedup.png", flush=True)
     return 0 if all(r["status"] != "failed" for r in rows) else 1
 
 
-def run_loader_only(args) -> int:
+def _run_line(run: dict) -> str:
+    if run["status"] != "ok":
+        return f"failed: {run.get('reason', '')}"
+    steady = run.get("epoch_s_later")
+    steady = f"{steady:.1f} s/epoch steady" if steady is not None else "no steady epoch"
+    reused = f" (reused, run {run['started_at']})" if run.get("reused") else ""
+    return f"ok{reused}: {steady}, warm-up epoch {run['epoch_s_first'] or 0:.1f} s"
+
+
+def run_loader_only(args, command: str) -> int:
     from loader_bench import run_loader_bench
 
     from ocr.data.synthetic import ensure_dataset
@@ -182,7 +241,7 @@ def run_loader_only(args) -> int:
             rows.append({"tier": tier, "cell": f"{r['backend']}-{r['device']}-{split}", "status": "ok", **r,
                          "raw_bound_img_s": bound, "ratio_to_raw": round(r["img_s"] / bound, 3) if bound else None})
     header = {"kind": "loader-only", "hardware_label": tier, "device": info["hardware"]["device"],
-              "hardware": info["hardware"], "settings": {"root": str(root)}, "versions": stack()}
+              "hardware": info["hardware"], "command": command, "settings": {"root": str(root)}, "versions": stack()}
     lines = ["| split | backend | device | img/s | raw bound img/s | ratio |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['split']} | {r['backend']} | {r['device']} | {r['img_s']:.1f} | {r['raw_bound_img_s']:.1f} | "
               f"{r['ratio_to_raw']:.2f} |" for r in rows]
@@ -217,12 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "report":
         return run_report(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        print(f"error: --repeats {args.repeats}: must be 1 or more", file=sys.stderr)
+        return 2
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         print(f"error: not a Hydra override (key=value): {' '.join(bad)}", file=sys.stderr)
         return 2
     try:
-        return run_loader_only(args) if args.loader_only else run_matrix(args)
+        command = shlex.join(["benchmarks/run_matrix.py", *argv])
+        return run_loader_only(args, command) if args.loader_only else run_matrix(args, command)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

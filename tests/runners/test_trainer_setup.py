@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from ocr.config import register_configs
 from ocr.hardware import GPUInfo, HardwareInfo
-from ocr.training.run import (BatchHalfPrecision, ConfigError, GpuMemoryFraction, build_trainer, check_cuda_usable,
-                              precision_args)
+from ocr.training.run import (BatchHalfPrecision, ConfigError, GpuMemoryFraction, ballast_bytes, build_trainer,
+                              check_cuda_usable, precision_args, torch_fraction)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,17 +139,39 @@ def test_memory_cap_is_a_no_op_on_the_cpu(tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_ballast_leaves_the_cap_free():
+    gb = 2**30
+    # 80 GB card, 79 GB free, cap 0.1: hold 71 GB so 8 GB stay free; torch may hold ballast + 8 GB
+    assert ballast_bytes(79 * gb, 80 * gb, 0.1) == 71 * gb
+    assert torch_fraction(71 * gb, 80 * gb, 0.1) == pytest.approx(79 / 80)
+    # less than the cap free already: no ballast, torch's fraction is the cap itself
+    assert ballast_bytes(5 * gb, 80 * gb, 0.1) == 0
+    assert torch_fraction(0, 80 * gb, 0.1) == pytest.approx(0.1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_memory_cap_set_on_the_trainers_device(tmp_path):
+def test_memory_cap_holds_a_ballast_on_the_trainers_device(tmp_path):
     trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                         default_root_dir=str(tmp_path))
     device = torch.device(trainer.strategy.root_device)
+    total = torch.cuda.mem_get_info(device)[1]
+    cap = GpuMemoryFraction(0.25)
     try:
-        GpuMemoryFraction(0.5).setup(trainer, None, "fit")
-        assert torch.cuda.get_per_process_memory_fraction(device) == pytest.approx(0.5)
+        cap.setup(trainer, None, "fit")
+        assert cap.ballast is not None and cap.ballast.device == device and cap.ballast.numel() > 0
+        # what any allocator (torch, DALI, nvJPEG) can still get is the cap, not the card
+        free = torch.cuda.mem_get_info(device)[0]
+        assert free <= 0.25 * total + 64 * 2**20
+        assert free >= 0.25 * total - 64 * 2**20
+        # torch itself may still allocate most of the cap beside the ballast
+        block = torch.empty(int(0.2 * total), dtype=torch.uint8, device=device)
+        del block
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(int(0.3 * total), dtype=torch.uint8, device=device)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        cap.teardown(trainer, None, "fit")
+    assert cap.ballast is None and torch.cuda.mem_get_info(device)[0] > 0.5 * total
 
 
 def _info(problem: str) -> HardwareInfo:
