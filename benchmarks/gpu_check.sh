@@ -149,7 +149,7 @@ cmd_step_ratio() {
 
 cmd_loader() {
   if [ "$DRY" = 1 ]; then
-    CMD=("$PY" benchmarks/loader_bench.py --root "$DATA" --split train --only dali/cpu,cpu/cpu/processes
+    CMD=("$PY" benchmarks/loader_bench.py --root "$DATA" --split train --only dali/cpu/helper,cpu/cpu/processes
          --loaders train --rounds 1 --batches 2 --warmup 1 --batch-size 2 --image-size 256
          --json "$WORK/results/loader.json")
   else
@@ -353,9 +353,9 @@ if ratio is not None:
 loader = results.get("loader") or {}
 if isinstance(loader.get("results"), list):
     summary["loader_img_s"] = [
-        {k: r.get(k) for k in ("backend", "device", "cpu_loader", "num_workers", "dali_threads", "split", "img_s",
-                               "ratio")} for r in loader["results"]]
-    summary["loader_raw_bound_img_s"] = loader.get("raw_bound_img_s")
+        {k: r.get(k) for k in ("name", "backend", "device", "cpu_loader", "num_workers", "dali_threads", "split", "img_s",
+                               "reference", "reference_img_s", "ratio")} for r in loader["results"]]
+    summary["loader_references_img_s"] = {k: v.get("img_s") for k, v in (loader.get("references") or {}).items()}
 if matrix is not None:
     rows = [r for r in matrix.get("rows", []) if isinstance(r, dict)]
     keys = ("cell", "status", "reason", "train_s_later", "img_s_later", "epoch_s_first", "epoch_s_later", "val_s_first",
