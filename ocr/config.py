@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 
 @dataclass
@@ -105,6 +105,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     reduced_decode: bool = True
+    max_image_pixels: int = 100_000_000  # larger images are refused (skipped with on_error=skip); 0: no limit
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
 
@@ -113,8 +114,8 @@ class DataConfig:
 class LoaderConfig:
     backend: str = "auto"  # auto | cpu | dali
     device: str = "auto"  # auto | gpu | cpu (where DALI runs its operators / targets are computed)
-    batch_size: int = 8
-    eval_batch_size: int = 8
+    batch_size: int = II("batch_size")  # the training batch; default: the top-level batch_size
+    eval_batch_size: int = II("batch_size")  # val/test/predict batches; default: the top-level batch_size
     num_workers: int = -1  # -1: chosen from the CPU count
     dali_threads: int = -1  # -1: chosen from the CPU count
     targets: str = "auto"  # auto | reference | vectorized
@@ -145,7 +146,7 @@ class LossConfig:
 @dataclass
 class PostprocessConfig:
     thresh: float = 0.3
-    box_thresh: float = 0.6
+    box_thresh: float = 0.4  # the DB paper: 0.6 (ImageNet-pretrained models); see README "Defaults and why"
     unclip_ratio: float = 1.5
     max_candidates: int = 1000
     min_size: float = 3.0
@@ -223,6 +224,9 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = MISSING
     ckpt_path: Optional[str] = None  # resume training from this checkpoint
+    # Every split's batch size (the presets document's `batch_size=8`); loader.batch_size or
+    # loader.eval_batch_size set one of them alone.
+    batch_size: int = 8
     data: DataConfig = field(default_factory=DataConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -242,6 +246,10 @@ class PredictConfig(TrainConfig):
     ckpt_path: Optional[str] = None  # required
     input_dir: Optional[str] = None  # required: a folder of images
     output_json: Optional[str] = None  # default: <output_dir>/predictions.json
+    # A folder for each image with its detections drawn (null: none); with gt_json, also the
+    # missed and false boxes, matched by the IoU metric's rule (ocr/training/overlays.py).
+    overlays: Optional[str] = None
+    gt_json: Optional[str] = None  # ground truth for the overlays, in the annotation format
 
 
 def register_configs() -> None:

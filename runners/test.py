@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ocr.config import register_configs
-from ocr.training.entry import run_safely
+from ocr.training.entry import main as run_main, run_safely
 
 register_configs()
 
@@ -17,4 +17,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a command line that does not compose: one line, exit code 2

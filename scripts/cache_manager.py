@@ -41,6 +41,7 @@ from ocr.data.cache import (  # noqa: E402
     TRASH_PREFIX,
     EntryInfo,
     last_used,
+    live_writer,
     remove_tree,
     scan_cache,
     tree_size,
@@ -128,7 +129,11 @@ def cmd_status(args) -> int:
     entries, others = _scan(args)
     root = Path(args.cache_dir)
     if not entries and not others:
-        print(f"{root}: no cache entries")
+        print(f"{root}: no cache entries on disk. The default store (cache_config.store=auto) keeps the "
+              f"validation batches in memory (GPU or host RAM) for the length of the run only.")
+        print("To keep them across runs: datasets.val_dataset.config.cache_config.store=disk (written under "
+              "cache_config.cache_dir); to precompute the eval target maps: "
+              "uv run python scripts/preprocess_data.py maps --split val")
         return 0
     now = time.time()
     sizes = {e.path: tree_size(e.path) for e in entries}
@@ -169,7 +174,8 @@ def health_problems(entries: list[EntryInfo], others: list[Path], checksums: boo
         if why:
             problems.append((e.path, "stale", why))
     for p in others:
-        problems.append((p, "orphan", _other_kind(p)))
+        if live_writer(p) is None:  # a running process's write in progress is not an orphan
+            problems.append((p, "orphan", _other_kind(p)))
     return problems
 
 
@@ -217,6 +223,10 @@ def cmd_clear(args) -> int:
         targets += [(p, _other_kind(p)) for p in others if p.parent.name == args.type]
     else:  # --stale
         targets = [(p, f"{c}: {m}") for p, c, m in health_problems(entries, others, checksums=True)]
+        for p in others:
+            pid = live_writer(p)
+            if pid is not None:
+                print(f"kept {p} (process {pid} is still writing it)")
     if not targets:
         print(f"{root}: nothing to clear")
         return 0

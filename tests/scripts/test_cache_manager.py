@@ -79,7 +79,10 @@ def test_status_lists_entries(cache, data, capsys):
     assert any(line.startswith("maps     val") and "3 samples" in line for line in lines), out
     assert "temporary directory of an interrupted write" in out
     code, out = run(capsys, "status", "--cache-dir", cache.parent / "nothing-here")
-    assert code == 0 and "no cache entries" in out
+    assert code == 0 and "no cache entries on disk" in out
+    # where the default store's batches are, and how to keep them
+    assert "(cache_config.store=auto) keeps the validation batches in memory" in out and "for the length of the run" in out
+    assert "datasets.val_dataset.config.cache_config.store=disk" in out and "preprocess_data.py maps" in out
 
 
 def test_health_finds_orphans_corruption_and_stale_entries(cache, data, capsys):
