@@ -64,12 +64,12 @@ def test_polygon_output() -> None:
 def test_weak_blob_dropped_by_box_thresh() -> None:
     prob = _two_rects()
     rng = np.random.default_rng(0)
-    prob[130:150, 20:80] = 0.4 + rng.uniform(-0.05, 0.05, (20, 60)).astype(np.float32)
-    polys, scores = DBPostProcessor()(prob[None])[0]
+    prob[130:150, 20:80] = 0.35 + rng.uniform(-0.03, 0.03, (20, 60)).astype(np.float32)
+    polys, scores = DBPostProcessor()(prob[None])[0]  # default box_thresh 0.4
     assert len(polys) == 2
     polys, scores = DBPostProcessor(box_thresh=0.3)(prob[None])[0]
     assert len(polys) == 3
-    assert min(scores) == pytest.approx(0.4, abs=0.02)
+    assert min(scores) == pytest.approx(0.35, abs=0.01)
 
 
 def test_tiny_blob_dropped_by_min_size() -> None:
