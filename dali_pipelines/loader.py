@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ from ocr.data.batch import GEOMETRY_KEY, attach_targets
 from ocr.data.geometry import split_rows
 from ocr.data.sampling import PlannedLoader
 from ocr.data.targets import DEFAULT_TILE, geometry_from_arrays, merge_geometries
-from ocr.data.transforms import TransformParams
+from ocr.data.source import ImageReadError
+from ocr.data.transforms import ImageDecodeError, TransformParams, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class DaliLoader(PlannedLoader):
         self._finalizer = None
         self._last_outputs = None
         self._worker: ThreadPoolExecutor | None = None
+        self._callback: DaliBatchSource | None = None
 
     # ------------------------------------------------------------------ public
     def __iter__(self) -> "_EpochIterator":
@@ -82,15 +85,20 @@ class DaliLoader(PlannedLoader):
             self._active.close()
             self._active = None
         self._call(self._finish_epoch)
-        epoch = self.take_epoch()
         if self.plan.num_batches == 0:
-            self._active = _EpochIterator(self, epoch, 0)
+            self._active = _EpochIterator(self, 0)
             return self._active
         self._call(self._pipeline)
+        self._active = _EpochIterator(self, self.plan.num_batches)
+        return self._active
+
+    def _start_epoch(self) -> int:
+        """Start the pipeline on the next epoch; called by an iterator's first request (see
+        ``ocr.data.sampling.PlannedLoader.take_epoch``)."""
+        epoch = self.take_epoch()
         self._control.start(self._pipe_epoch, epoch)
         self._epoch_open = True
-        self._active = _EpochIterator(self, epoch, self.plan.num_batches)
-        return self._active
+        return epoch
 
     def close(self) -> None:
         """Stop the workers and free the pipeline (also done when the loader is collected)."""
@@ -134,7 +142,7 @@ class DaliLoader(PlannedLoader):
     def _pipeline(self):
         if self._pipe is None:
             self._control = EpochControl()
-            callback = DaliBatchSource(self.source, self.params, self.plan, self._control,
+            self._callback = callback = DaliBatchSource(self.source, self.params, self.plan, self._control,
                                        self.target_kwargs if self.with_targets else None)
             device_id = self.device_id
             if device_id is None and self.device == "gpu":
@@ -164,10 +172,51 @@ class DaliLoader(PlannedLoader):
         self._pipe_epoch += 1
         self._epoch_open = False
 
-    def _run(self) -> dict:
-        outputs = dict(zip(OUTPUTS, self._pipe.run()))
+    def _run(self, epoch: int, batch: int) -> dict:
+        """Batch number ``batch`` of ``epoch``. When the pipeline fails (a decode error), it is
+        discarded (the next ``iter()`` builds a new one) and the error names the file, as the
+        CPU backend's does; with ``on_error=skip`` the failed images are counted and replaced
+        and a new pipeline resumes the epoch at this batch."""
+        while True:
+            try:
+                outputs = dict(zip(OUTPUTS, self._pipe.run()))
+                break
+            except StopIteration:
+                raise
+            except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError for operator errors
+                self._recover(epoch, batch, exc)
         self._last_outputs = outputs
         return self._to_batch(outputs)
+
+    def _recover(self, epoch: int, batch: int, exc: Exception) -> None:
+        # DALI may report the error of a batch already in flight: look at those too
+        last = min(batch + self.prefetch + 1, self.plan.num_batches)
+        indices = sorted({i for k in range(batch, last) for i in self._callback.batch_indices(epoch, k)})
+        self._discard_pipeline()
+        failed = []
+        for index in indices:  # find the culprit by decoding the batch's images on the CPU
+            try:
+                decode_rgb(self.source.encoded_array(index), 1, str(self.source.samples[index].path))
+            except (ImageDecodeError, ImageReadError) as error:
+                failed.append((index, error))
+        record = getattr(self.source, "record_failure", None)  # SampleSource look-alikes have none
+        if not failed or record is None:
+            raise exc  # not an image the CPU cannot decode either: DALI's own error, unchanged
+        for index, error in failed:
+            record(index, error)  # raises under on_error=raise
+        self._pipeline()
+        self._control.start(self._pipe_epoch, epoch, first_batch=batch)
+        self._epoch_open = True
+
+    def _discard_pipeline(self) -> None:
+        """Drop a pipeline that raised: DALI leaves it unusable."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._pipe = None
+        self._control = None
+        self._callback = None
+        self._last_outputs = None
+        self._epoch_open = False
 
     def _to_batch(self, out: dict) -> dict:
         """DALI outputs -> Batch: array views and concatenations only (the per-polygon work was done
@@ -225,9 +274,9 @@ class _EpochIterator:
     """One epoch of a :class:`DaliLoader`; invalid once the loader starts another epoch.
     With a helper thread, the next batch is requested when this one is handed out."""
 
-    def __init__(self, loader: DaliLoader, epoch: int, num_batches: int):
+    def __init__(self, loader: DaliLoader, num_batches: int):
         self._loader = loader
-        self.epoch = epoch
+        self.epoch: int | None = None  # chosen by the first request
         self._to_request = num_batches
         self._num_batches = num_batches
         self._pending: Future | None = None
@@ -241,7 +290,10 @@ class _EpochIterator:
 
     def _request(self) -> None:
         if self._pending is None and self._to_request > 0:
-            self._pending = self._loader._submit(self._loader._run)
+            if self.epoch is None:
+                self.epoch = self._loader._start_epoch()
+            batch = self._num_batches - self._to_request
+            self._pending = self._loader._submit(partial(self._loader._run, self.epoch, batch))
             self._to_request -= 1
 
     def __next__(self) -> dict:
@@ -251,7 +303,11 @@ class _EpochIterator:
         if self._pending is None:
             raise StopIteration
         future, self._pending = self._pending, None
-        batch = future.result()
+        try:
+            batch = future.result()
+        except BaseException:
+            self._closed = True  # the loader discarded its pipeline; the next iter() starts afresh
+            raise
         if self._loader._worker is not None:
             self._request()  # the helper thread works on the next batch meanwhile
         return batch

@@ -108,9 +108,11 @@ def resize_geometry(height: int, width: int, scale: float) -> tuple[tuple[int, i
 class EpochControl:
     """A few int64 slots in a small file (in /dev/shm when available) that the loader
     writes and the external-source workers read: for pipeline epoch ``k`` (DALI's
-    ``BatchInfo.epoch_idx``) slot ``k % RING`` holds ``(k, logical epoch, cancelled)``."""
+    ``BatchInfo.epoch_idx``) slot ``k % RING`` holds ``(k, logical epoch, cancelled, first batch)``;
+    the first batch is not 0 when a rebuilt pipeline resumes an epoch after a decode error."""
 
     RING = 8
+    SLOT = 4
     PREFIX = "dali_epoch_ctrl_"
 
     def __init__(self, path: str | None = None):
@@ -120,7 +122,7 @@ class EpochControl:
             remove_stale_files(base, self.PREFIX)
             fd, path = tempfile.mkstemp(prefix=f"{self.PREFIX}{os.getpid()}_", suffix=".bin", dir=base)
             os.close(fd)
-            np.full(self.RING * 3, -1, dtype=np.int64).tofile(path)
+            np.full(self.RING * self.SLOT, -1, dtype=np.int64).tofile(path)
         self.path = path
         self._array: np.ndarray | None = None
 
@@ -135,25 +137,25 @@ class EpochControl:
     @property
     def array(self) -> np.ndarray:
         if self._array is None:
-            self._array = np.memmap(self.path, dtype=np.int64, mode="r+", shape=(self.RING * 3,))
+            self._array = np.memmap(self.path, dtype=np.int64, mode="r+", shape=(self.RING * self.SLOT,))
         return self._array
 
-    def start(self, pipeline_epoch: int, logical_epoch: int) -> None:
-        slot = (pipeline_epoch % self.RING) * 3
-        self.array[slot : slot + 3] = (pipeline_epoch, logical_epoch, 0)
+    def start(self, pipeline_epoch: int, logical_epoch: int, first_batch: int = 0) -> None:
+        slot = (pipeline_epoch % self.RING) * self.SLOT
+        self.array[slot : slot + self.SLOT] = (pipeline_epoch, logical_epoch, 0, first_batch)
 
     def cancel(self, pipeline_epoch: int) -> None:
-        slot = (pipeline_epoch % self.RING) * 3
+        slot = (pipeline_epoch % self.RING) * self.SLOT
         if self.array[slot] == pipeline_epoch:
             self.array[slot + 2] = 1
 
-    def lookup(self, pipeline_epoch: int) -> tuple[int, bool]:
-        """(logical epoch, cancelled); an epoch the loader never started counts as cancelled."""
-        slot = (pipeline_epoch % self.RING) * 3
-        k, logical, cancelled = (int(v) for v in self.array[slot : slot + 3])
+    def lookup(self, pipeline_epoch: int) -> tuple[int, bool, int]:
+        """(logical epoch, cancelled, first batch); an epoch the loader never started counts as cancelled."""
+        slot = (pipeline_epoch % self.RING) * self.SLOT
+        k, logical, cancelled, first = (int(v) for v in self.array[slot : slot + self.SLOT])
         if k != pipeline_epoch:
-            return -1, True
-        return logical, bool(cancelled)
+            return -1, True, 0
+        return logical, bool(cancelled), first
 
     def close(self) -> None:
         self._array = None
@@ -185,19 +187,23 @@ class DaliBatchSource:
         state["_order_epoch"], state["_order"] = None, None
         return state
 
-    def _batch_indices(self, epoch: int, iteration: int) -> np.ndarray:
+    def batch_indices(self, epoch: int, iteration: int) -> list[int]:
+        """The samples of batch ``iteration``; images that failed to decode earlier in the run
+        (``on_error=skip``) are replaced by their stand-ins (``SampleSource.usable_index``)."""
         if self._order_epoch != epoch:
             self._order, self._order_epoch = self.plan.order(epoch), epoch
         b = self.plan.batch_size
-        return self._order[iteration * b : (iteration + 1) * b]
+        indices = [int(i) for i in self._order[iteration * b : (iteration + 1) * b]]
+        usable = getattr(self.source, "usable_index", None)  # SampleSource look-alikes have none
+        return indices if usable is None else [usable(i) for i in indices]
 
     def __call__(self, info) -> tuple[list[np.ndarray], ...]:
-        epoch, cancelled = self.control.lookup(int(info.epoch_idx))
-        if cancelled or info.iteration >= self.plan.num_batches:
+        epoch, cancelled, first = self.control.lookup(int(info.epoch_idx))
+        iteration = int(info.iteration) + first
+        if cancelled or iteration >= self.plan.num_batches:
             raise StopIteration
-        indices = self._batch_indices(epoch, int(info.iteration))
         columns: tuple[list[np.ndarray], ...] = tuple([] for _ in self.outputs)
-        for index in indices:
+        for index in self.batch_indices(epoch, iteration):
             for column, value in zip(columns, self.sample_inputs(int(index), epoch), strict=True):
                 column.append(value)
         return columns

@@ -45,9 +45,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ocr import faults
 from ocr.data.batch import attach_targets, batch_to, needs_targets
 from ocr.data.cache_key import FORMAT_VERSION, CacheKey, bytes_sha256, file_sha256
 from ocr.data.memory import StoreDecision, gb
+from ocr.shm import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,13 @@ class EntryWriter:
         self.files: dict[str, dict] = {}
         self.done = False
 
+    @property
+    def kind(self) -> str:
+        return self.final.parent.name  # tensors | maps
+
     def add(self, name: str, data: bytes) -> None:
         (self.tmp / name).write_bytes(data)
+        faults.inject(f"{self.kind}.write")
         self.files[name] = {"sha256": bytes_sha256(data), "bytes": len(data)}
 
     @property
@@ -106,6 +113,7 @@ class EntryWriter:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; an entry is as shared as its cache dir
+        faults.inject(f"{self.kind}.publish")
         for attempt in range(2):
             try:
                 os.rename(self.tmp, self.final)
@@ -123,6 +131,25 @@ class EntryWriter:
         if not self.done:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.done = True
+
+
+def writer_pid(path: Path) -> int | None:
+    """The pid in the name of a temporary (``.tmp-<entry>-<pid>-<random>``) or half-deleted
+    (``.trash-<entry>-<pid>-<ns>``) directory; None for any other name."""
+    name = Path(path).name
+    if not name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+        return None
+    parts = name.rsplit("-", 2)  # the entry name has dashes; the random / ns tail has none
+    try:
+        return int(parts[1]) if len(parts) == 3 else None
+    except ValueError:
+        return None
+
+
+def live_writer(path: Path) -> int | None:
+    """The pid of the live process still writing (or removing) ``path``, else None."""
+    pid = writer_pid(path)
+    return pid if pid is not None and pid_alive(pid) else None
 
 
 def read_manifest(entry: Path) -> dict:
@@ -720,8 +747,24 @@ class BatchCache:
         if self.store == "off":
             return None
         if self.store == "disk":
-            return _DiskEntryWriter(entry_path(self.cache_dir, self.key))
+            try:
+                return _DiskEntryWriter(entry_path(self.cache_dir, self.key))
+            except OSError as exc:
+                self._disk_failed(None, exc)
+                return None
         return _MemoryEntry(self.store)
+
+    def _disk_failed(self, recording: "_DiskEntryWriter | None", exc: OSError) -> None:
+        """A disk write failed (full disk, permissions): drop what was written, warn once and
+        go on without this cache for the rest of the run."""
+        if recording is not None:
+            recording.writer.abort()
+        log.warning("%s tensor cache: cannot write %s (%s); training goes on without this cache for the rest "
+                    "of the run", self.split, entry_path(self.cache_dir, self.key), exc.strerror or exc)
+        self.rebuilds.append(f"write failed: {exc.strerror or exc}")
+        self.store = "off"
+        if self.stats.passes and self.stats.passes[-1].action == "record":
+            self.stats.passes[-1].action = "miss"  # this pass's batches came from the loader, unrecorded
 
     def _recheck_budget(self) -> None:
         """A GPU store was budgeted when the loader was built, before any activation existed:
@@ -737,7 +780,11 @@ class BatchCache:
             manifest = {**self.key.to_manifest(), "num_batches": count,
                         "num_samples": sum(len(n) for n in recording.names), "names": recording.names}
             path = recording.writer.final
-            published = recording.writer.commit(manifest)
+            try:
+                published = recording.writer.commit(manifest)
+            except OSError as exc:
+                self._disk_failed(recording, exc)
+                return
             try:
                 manifest = read_manifest(path)
                 # someone else's entry is trusted only after the same check as at start-up
@@ -771,7 +818,14 @@ class BatchCache:
                     break
                 if record:
                     batch = self._complete(batch)
-                    recording.put(count, batch) if isinstance(recording, _DiskEntryWriter) else recording.put(batch)
+                    if isinstance(recording, _DiskEntryWriter):
+                        try:
+                            recording.put(count, batch)
+                        except OSError as exc:
+                            self._disk_failed(recording, exc)
+                            record = False
+                    else:
+                        recording.put(batch)
                 count += 1
                 if counted:
                     self.stats.record(False, int(batch["images"].shape[0]))

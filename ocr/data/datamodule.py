@@ -97,7 +97,8 @@ def load_split_source(cfg: DictConfig, split: str) -> SampleSource:
     if not samples:
         raise DataConfigError(f"{split} split: {json_path} holds no usable images")
     log.info("%s split: %d images from %s", split, len(samples), image_dir)
-    return SampleSource(samples, preload=False, split=split)
+    return SampleSource(samples, preload=False, split=split, on_error=dcfg.on_error,
+                        max_pixels=cfg.data.max_image_pixels)
 
 
 def check_cache_config(cfg: DictConfig, splits: tuple[str, ...]) -> None:

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from ocr.data.batch import GEOMETRY_KEY, TARGET_KEY_OF, Collator, sample_geometry
 from ocr.data.geometry import transform_polygons
 from ocr.data.sampling import PlannedLoader, sample_rng
-from ocr.data.source import SampleSource
+from ocr.data.source import ImageReadError, SampleSource
 from ocr.data.targets import make_db_targets
-from ocr.data.transforms import TransformParams, render_decoded, render_sample, sample_matrix
+from ocr.data.transforms import ImageDecodeError, TransformParams, render_decoded, render_sample, sample_matrix
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,21 @@ class ValidatedOCRDataset(Dataset):
         return render_decoded(self.params, image, reduction, matrix, height, width, rng)
 
     def get(self, index: int, epoch: int | None = None) -> dict:
-        """Item ``index`` (with ``seed`` set: as drawn in ``epoch``, default the current one)."""
+        """Item ``index`` (with ``seed`` set: as drawn in ``epoch``, default the current one). An
+        image that fails to decode raises naming the file, or with ``on_error=skip`` is counted
+        by the source and replaced by the next usable sample (``SampleSource.usable_index``)."""
+        usable = getattr(self.source, "usable_index", None)  # SampleSource look-alikes have none
+        while True:
+            if usable is not None:
+                index = usable(index)
+            try:
+                return self._item(index, epoch)
+            except (ImageDecodeError, ImageReadError) as exc:
+                if usable is None:
+                    raise
+                self.source.record_failure(index, exc)  # raises under on_error=raise
+
+    def _item(self, index: int, epoch: int | None) -> dict:
         sample = self.source.samples[index]
         height, width = self.source.sizes[index]
         rng = self.sample_generator(index, epoch)
@@ -191,10 +205,15 @@ class ThreadedLoader(PlannedLoader):
         with self._lock:
             if self._active is not None:
                 self._active.close()
-            epoch = self.take_epoch()
-            self.dataset.set_epoch(epoch)
-            self._active = _ThreadedEpoch(self, epoch, self.plan.batches(epoch))
+            self._active = _ThreadedEpoch(self)
             return self._active
+
+    def _start_epoch(self) -> tuple[int, list[np.ndarray]]:
+        """The next epoch and its batches; called by an iterator's first ``next()`` (see
+        ``ocr.data.sampling.PlannedLoader.take_epoch``)."""
+        epoch = self.take_epoch()
+        self.dataset.set_epoch(epoch)
+        return epoch, self.plan.batches(epoch)
 
     def close(self) -> None:
         if self._active is not None:
@@ -205,10 +224,10 @@ class ThreadedLoader(PlannedLoader):
 
 
 class _ThreadedEpoch:
-    def __init__(self, loader: ThreadedLoader, epoch: int, batches: list[np.ndarray]):
+    def __init__(self, loader: ThreadedLoader):
         self._loader = loader
-        self._epoch = epoch
-        self._batches = batches
+        self._epoch: int | None = None  # chosen by the first next()
+        self._batches: list[np.ndarray] = []
         self._next_submit = 0
         self._next_yield = 0
         self._pending: dict[int, Future] = {}
@@ -218,7 +237,7 @@ class _ThreadedEpoch:
         return self
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return len(self._batches) if self._epoch is not None else len(self._loader)
 
     def _fill(self, pool: ThreadPoolExecutor) -> None:
         while self._next_submit < len(self._batches) and len(self._pending) < self._loader.prefetch:
@@ -227,6 +246,8 @@ class _ThreadedEpoch:
             self._next_submit += 1
 
     def __next__(self) -> dict:
+        if self._epoch is None and not self._closed:
+            self._epoch, self._batches = self._loader._start_epoch()
         if self._closed or self._next_yield >= len(self._batches):
             self.close()
             raise StopIteration

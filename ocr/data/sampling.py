@@ -125,7 +125,13 @@ class PlannedLoader:
         self._next_epoch = int(epoch)
 
     def take_epoch(self) -> int:
-        """The epoch a new ``iter()`` runs; the one after it is next unless ``set_epoch`` says otherwise."""
+        """The epoch an iterator runs; the one after it is next unless ``set_epoch`` says otherwise.
+
+        Loaders call it at an iterator's first batch, not at ``iter()``: Lightning calls
+        ``iter()`` twice before it sets the first epoch (its iterable check, then its fetcher),
+        and when resuming it sets the checkpoint's epoch after the fetcher's ``iter()`` without
+        another one. An iterator that chose its epoch at ``iter()`` would run epoch 1's plan in
+        epochs 0 and 1 and, resumed at epoch k, the plan of epoch 1 again."""
         epoch = self._next_epoch
         self._next_epoch += 1
         return epoch

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ocr.data.annotations import Sample
+from ocr.data.annotations import AnnotationError, Problem, Sample
 from ocr.shm import SHM_DIR, remove_stale_files
 
 log = logging.getLogger(__name__)
@@ -39,21 +41,75 @@ _EXIF_ORIENTATION = 0x0112
 _SHM_PREFIX = "dbnet_images_"
 
 
+#: default ``data.max_image_pixels``: a 12000 x 8000 (A3 at 600 dpi) scan still loads. PIL itself refuses
+#: files above 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (~179 M pixels) as decompression bombs.
+DEFAULT_MAX_PIXELS = 100_000_000
+#: how far (in bytes) from a file's end its end marker must lie (JPEG EOI, PNG IEND); trailers after it are allowed
+_TAIL_BYTES = 4096
+_JPEG_MAGIC = b"\xff\xd8"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 class ImageReadError(RuntimeError):
-    pass
+    """An image that cannot be used; ``reason`` is a short stable key (``unreadable_image``,
+    ``truncated_image``, ``image_too_large``, ``missing_image_file``), the message names the file."""
+
+    def __init__(self, message: str, reason: str = "unreadable_image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
     """(height, width) as displayed, i.e. after EXIF orientation, from the header only."""
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit is ours
+            with Image.open(path) as im:
+                width, height = im.size
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{path}: image file not found", "missing_image_file") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: image too large for PIL to open ({exc})", "image_too_large") from exc
     except Exception as exc:  # PIL raises many types for broken files
         raise ImageReadError(f"{path}: cannot read image header ({exc})") from exc
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return height, width
+
+
+def _tail(path: Path) -> tuple[bytes, bytes]:
+    """(first 8 bytes, last ``_TAIL_BYTES`` bytes) of the file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - _TAIL_BYTES))
+        return head, f.read()
+
+
+def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) as displayed, after the checks that cost no decode: the header
+    parses, the pixel count is within ``max_pixels``, and a JPEG / PNG ends with its end
+    marker (a truncated file does not). Raises :class:`ImageReadError` naming the file.
+    What only a decode finds (corrupt entropy-coded data) is caught when the image is
+    decoded (``ValidatedOCRDataset``, ``DaliLoader``)."""
+    height, width = read_image_size(path)
+    if max_pixels and height * width > max_pixels:
+        raise ImageReadError(f"{path}: image is {width} x {height} = {height * width / 1e6:.1f} M pixels, above the "
+                             f"limit of {max_pixels / 1e6:.1f} M (data.max_image_pixels)", "image_too_large")
+    head, tail = _tail(path)
+    if (head.startswith(_JPEG_MAGIC) and b"\xff\xd9" not in tail) or (head == _PNG_MAGIC and b"IEND" not in tail):
+        raise ImageReadError(f"{path}: image file is truncated (no end-of-image marker)", "truncated_image")
+    return height, width
+
+
+def _outside_point(polygon: np.ndarray, height: int, width: int) -> int | None:
+    """Index of the first point further outside the image than 10% of its side (None if none)."""
+    mx, my = max(4.0, 0.1 * width), max(4.0, 0.1 * height)
+    x, y = polygon[:, 0], polygon[:, 1]
+    far = (x < -mx) | (x > width + mx) | (y < -my) | (y > height + my)
+    hits = np.flatnonzero(far)
+    return int(hits[0]) if hits.size else None
 
 
 class SharedBytes:
@@ -144,15 +200,84 @@ def _unlink_quietly(path: str) -> None:
 class SampleSource:
     """Indexable view of one split: bytes, size and labels per sample."""
 
-    def __init__(self, samples: list[Sample], preload: bool = False, split: str = ""):
-        self.samples = list(samples)
+    def __init__(self, samples: list[Sample], preload: bool = False, split: str = "", on_error: str = "raise",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        """Every image is checked (:func:`check_image`) and every polygon must lie within
+        the image (10% margin). ``on_error="raise"``: the first problem raises
+        (:class:`ImageReadError` / ``AnnotationError``) naming the file. ``"skip"``: the image
+        (or word) is dropped, kept in ``problems`` and listed in one warning; an image that
+        fails to decode later is replaced in its batch (:meth:`usable_index`) and counted in
+        ``failures``."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.split = split
-        self.sizes = [read_image_size(s.path) for s in self.samples]
+        self.on_error = on_error
+        self.problems: list[Problem] = []
+        self.failures: dict[int, str] = {}  # index -> message: images that failed to decode mid-run
+        self.samples, self.sizes = self._checked(list(samples), max_pixels)
+        if self.problems:
+            log.warning("%s split: skipped %d image(s) and %d word(s) (on_error=skip):\n%s", split or "?",
+                        sum(p.level == "image" for p in self.problems), sum(p.level == "word" for p in self.problems),
+                        "\n".join(f"  - {p.message}" for p in self.problems))
+        if samples and not self.samples:
+            raise ImageReadError(f"{split or '?'} split: none of its {len(samples)} images is usable (see the warning "
+                                 f"above)")
         self._bytes: SharedBytes | None = None
         self._decoded: list[np.ndarray] | None = None
         self._decoded_reduction: list[int] | None = None
         if preload:
             self.preload()
+
+    def _checked(self, samples: list[Sample], max_pixels: int) -> tuple[list[Sample], list[tuple[int, int]]]:
+        kept, sizes = [], []
+        for sample in samples:
+            try:
+                size = check_image(sample.path, max_pixels)
+            except ImageReadError as exc:
+                if self.on_error == "raise":
+                    raise
+                self.problems.append(Problem(exc.reason, str(exc), "image", sample.name))
+                continue
+            kept.append(self._inside(sample, *size))
+            sizes.append(size)
+        return kept, sizes
+
+    def _inside(self, sample: Sample, height: int, width: int) -> Sample:
+        """``sample`` without the words that lie far outside the image."""
+        keep = []
+        for k, (wid, polygon) in enumerate(zip(sample.word_ids, sample.polygons)):
+            point = _outside_point(polygon, height, width)
+            if point is None:
+                keep.append(k)
+                continue
+            x, y = (float(v) for v in polygon[point])
+            message = (f"{sample.path}: word {wid!r}: point {point} ({x:g}, {y:g}) lies far outside the "
+                       f"{width} x {height} image")
+            if self.on_error == "raise":
+                raise AnnotationError(message)
+            self.problems.append(Problem("point_outside_image", message, "word", sample.name, wid))
+        if len(keep) == sample.num_words:
+            return sample
+        return replace(sample, polygons=tuple(sample.polygons[k] for k in keep),
+                       ignore=tuple(sample.ignore[k] for k in keep), word_ids=tuple(sample.word_ids[k] for k in keep),
+                       transcriptions=tuple(sample.transcriptions[k] for k in keep))
+
+    def record_failure(self, index: int, error: Exception) -> None:
+        """Image ``index`` failed to decode: raise (``on_error="raise"``) or count it and warn once."""
+        if self.on_error == "raise":
+            raise error
+        if index not in self.failures:
+            self.failures[index] = str(error)
+            log.warning("%s split: skipped an image that cannot be decoded (on_error=skip; %d so far this run): %s",
+                        self.split or "?", len(self.failures), error)
+
+    def usable_index(self, index: int) -> int:
+        """``index``, or the next sample that has not failed to decode (its stand-in in a batch)."""
+        if len(self.failures) >= len(self.samples):
+            raise ImageReadError(f"{self.split or '?'} split: every image failed to decode")
+        while index in self.failures:
+            index = (index + 1) % len(self.samples)
+        return index
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -228,19 +353,23 @@ class SampleSource:
         the bytes would be for eval, and never upsamples in training)."""
         if self._decoded is not None or not self.samples:
             return
-        from ocr.data.transforms import decode_rgb
+        from ocr.data.transforms import ImageDecodeError, decode_rgb
 
         log.info("Preloading decoded images from %s into RAM...", self.directory)
         arrays, reductions = [], []
         for i in tqdm(range(len(self.samples)), desc=f"Decoding {self.split}", unit="img", leave=False):
             encoded = self.encoded_array(i)
             r = reduction(i, encoded)
-            image = decode_rgb(encoded, r, str(self.samples[i].path))
-            height, width = self.sizes[i]
-            expected = (-(-height // r), -(-width // r))
-            if image.shape[:2] != expected:
-                raise ImageReadError(f"{self.samples[i].path}: decoded size {image.shape[1]}x{image.shape[0]} does not "
-                                     f"match the header size {width}x{height} (reduction {r})")
+            try:
+                image = decode_rgb(encoded, r, str(self.samples[i].path))
+                height, width = self.sizes[i]
+                expected = (-(-height // r), -(-width // r))
+                if image.shape[:2] != expected:
+                    raise ImageReadError(f"{self.samples[i].path}: decoded size {image.shape[1]}x{image.shape[0]} "
+                                         f"does not match the header size {width}x{height} (reduction {r})")
+            except (ImageDecodeError, ImageReadError) as exc:
+                self.record_failure(i, exc)
+                image, r = np.zeros((1, 1, 3), np.uint8), 1  # never read: usable_index skips it
             arrays.append(image)
             reductions.append(r)
         self._decoded, self._decoded_reduction = arrays, reductions

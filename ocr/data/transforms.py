@@ -83,7 +83,7 @@ def decode_reduction(matrix: np.ndarray, encoded: np.ndarray, enabled: bool = Tr
 def decode_rgb(encoded: np.ndarray, reduction: int = 1, name: str = "") -> np.ndarray:
     """Decode to RGB uint8 honouring EXIF orientation; grayscale, alpha and 16-bit
     inputs become 3-channel 8-bit. ``reduction`` > 1 decodes a JPEG at 1/reduction size."""
-    image = cv2.imdecode(encoded, _REDUCED_FLAGS[reduction])
+    image = cv2.imdecode(encoded, _REDUCED_FLAGS[reduction]) if encoded.size else None  # imdecode asserts on b""
     if image is None:
         raise ImageDecodeError(f"{name or 'image'}: cannot decode image data ({encoded.size} bytes)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ocr import faults
 from ocr.data.batch import batch_size
 from ocr.hardware import GpuMemoryPeak
 
@@ -74,6 +76,8 @@ class EpochTimer(L.Callback):
         self._train = _PhaseClock()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._train is None:  # resumed mid-epoch: Lightning skips on_train_epoch_start
+            self.on_train_epoch_start(trainer, pl_module)
         self._train.batch_start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -145,12 +149,16 @@ def _epoch_line(r: dict) -> str:
     return line
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict, fault_point: str | None = None) -> None:
+    """``payload`` as JSON into a temporary file beside ``path``, then renamed into place.
+    ``fault_point``: the ``ocr.faults`` point called between the two (tests)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, default=str)
+        if fault_point:
+            faults.inject(fault_point)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -188,7 +196,7 @@ class RunSummary(L.Callback):
     def write(self, pl_module) -> None:
         if pl_module.global_rank != 0:  # one file per run; under DDP its timings are rank 0's
             return
-        write_json_atomic(self.path, self.payload(pl_module))
+        write_json_atomic(self.path, self.payload(pl_module), fault_point="run_summary.publish")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.gpu_peak.sample(pl_module.device)
@@ -211,7 +219,8 @@ class RunSummary(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.gpu_peak.sample(pl_module.device)
-        self.status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        # Ctrl-C, or SIGTERM (preemption: Lightning stops after the current batch)
+        self.status = "interrupted" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
         self.extra["error"] = f"{type(exception).__name__}: {exception}"
         self.write(pl_module)
 

@@ -4,15 +4,20 @@ fit / test / predict. The runners themselves stay thin @hydra.main wrappers."""
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from ocr import faults
 from ocr.data.backends import CUDA_ACCELERATORS
 from ocr.data.datamodule import OCRDataModule
 from ocr.hardware import probe
@@ -216,12 +221,13 @@ def check_cuda_usable(accelerator: str, info=None) -> None:
 def train(cfg: DictConfig) -> Path:
     """Fit, validating every epoch; returns the path of the run summary JSON."""
     output_dir, precision = _common_setup(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     datamodule = OCRDataModule(cfg, splits=("train", "val"))
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = DBNetModule(OmegaConf.to_container(cfg.model, resolve=True), eval_data=_eval_data(cfg))
     if cfg.model.init_from:
-        _init_weights(module, cfg.model.init_from, resuming=bool(cfg.ckpt_path))
+        _init_weights(module, cfg.model.init_from, resuming=bool(ckpt_path))
 
     validate = cfg.trainer.limit_val_batches not in (0, 0.0)
     timer = EpochTimer()
@@ -230,11 +236,13 @@ def train(cfg: DictConfig) -> Path:
     checkpoints = _checkpoint_callbacks(output_dir / "checkpoints", validate)
     checkpoint = checkpoints[0]
     callbacks = [timer, CacheStatistics(datamodule, summary, timer), summary, *checkpoints,
+                 PreemptionCheckpoint(output_dir / "checkpoints" / LAST),
                  LearningRateMonitor(logging_interval="epoch"), CurvesPlot(output_dir / "curves.png", timer, cfg.exp_name)]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // 2)))
     trainer = build_trainer(cfg, output_dir, precision, callbacks, build_loggers(cfg, output_dir), validate)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     final = module.last_metrics.get("val")
     if final:
@@ -246,6 +254,66 @@ def train(cfg: DictConfig) -> Path:
     log.info("Best checkpoint: %s", checkpoint.best_model_path)
     log.info("Run summary: %s", summary_path)
     return summary_path
+
+
+LAST = "last.ckpt"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``ckpt_path=last``: the newest ``*/checkpoints/last.ckpt`` (or SLURM auto-requeue
+    ``*/hpc_ckpt_*.ckpt``) of the experiment, i.e. in the run folders beside ``output_dir``
+    (``outputs/<exp_name>/<time>/``). Any other path must be a file."""
+    if not ckpt_path:
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path: checkpoint {ckpt_path} not found")
+        return ckpt_path
+    runs = Path(output_dir).parent
+    found = [*runs.glob(f"*/checkpoints/{LAST}"), *runs.glob("*/hpc_ckpt_*.ckpt")]
+    if not found:
+        raise ConfigError(f"ckpt_path=last: no checkpoint of this experiment to resume (no */checkpoints/{LAST} "
+                          f"under {runs}); give a checkpoint file, or start without ckpt_path")
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    log.info("ckpt_path=last: resuming from %s (the newest checkpoint under %s)", newest, runs)
+    return str(newest)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file beside their place and renamed into place:
+    a run killed while saving keeps the previous checkpoint, never a partial one (the
+    temporary ``.<name>.*.tmp`` is not a ``*.ckpt``)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+            faults.inject("checkpoint.publish")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM (a cluster's preemption; Lightning stops after the current batch and exits
+    with code 0) save ``last.ckpt`` of the interrupted epoch, so that ``ckpt_path=last``
+    resumes from it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.path)
+        log.warning("SIGTERM received: saved %s (epoch %d, step %d); resume with ckpt_path=last", self.path,
+                    trainer.current_epoch, trainer.global_step)
 
 
 def _checkpoint_callbacks(folder: Path, validate: bool) -> list[ModelCheckpoint]:
@@ -378,7 +446,9 @@ def predict(cfg: DictConfig) -> Path:
         raise ConfigError(f"input_dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     overlay_gt = _overlay_ground_truth(cfg, folder, paths)
     samples = [Sample(name=p.name, path=p, polygons=(), ignore=(), word_ids=(), transcriptions=()) for p in paths]
-    loader = build_loader(choose_backend(cfg.loader, trainer_cfg=cfg.trainer), SampleSource(samples, split="predict"), transform_params(cfg.data, train=False),
+    # unusable images become error records instead of stopping the run
+    source = SampleSource(samples, split="predict", on_error="skip", max_pixels=cfg.data.max_image_pixels)
+    loader = build_loader(choose_backend(cfg.loader, trainer_cfg=cfg.trainer), source, transform_params(cfg.data, train=False),
                           {}, batch_size=cfg.loader.eval_batch_size, shuffle=False, drop_last=False, seed=cfg.seed, with_targets=False)
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
     batches = trainer.predict(module, dataloaders=loader)
@@ -390,13 +460,32 @@ def predict(cfg: DictConfig) -> Path:
             for i, (poly, score) in enumerate(zip(item["polygons"], item["scores"]))
         }
         images[item["name"]] = {"words": words}
+    images = _with_error_records(paths, images, source)
     out = Path(cfg.output_json) if cfg.output_json else output_dir / "predictions.json"
     save_annotations(out, images)
     log.info("Predictions for %d images (%d words) written to %s", len(images), sum(len(v["words"]) for v in images.values()), out)
     if cfg.overlays:
         from ocr.training.overlays import write_overlays
 
-        write_overlays(Path(cfg.overlays), paths, images, overlay_gt)
+        write_overlays(Path(cfg.overlays), [p for p in paths if "error" not in images[p.name]], images, overlay_gt)
+    return out
+
+
+def _with_error_records(paths: list[Path], images: dict, source) -> dict:
+    """Every input image in input order: its predictions, or ``{"words": {}, "error": why}``
+    for one that could not be read or decoded (logged with the count)."""
+    why = {p.image: p.message for p in source.problems}
+    why.update({source.samples[i].name: message for i, message in source.failures.items()})
+    out, failed = {}, []
+    for path in paths:
+        if path.name in images and path.name not in why:
+            out[path.name] = images[path.name]
+        else:
+            out[path.name] = {"words": {}, "error": why.get(path.name, "no prediction was produced (see the log)")}
+            failed.append(out[path.name]["error"])
+    if failed:
+        log.warning("%d of %d images could not be read or decoded; written as error records:\n%s", len(failed),
+                    len(paths), "\n".join(f"  - {m}" for m in failed))
     return out
 
 

@@ -87,12 +87,29 @@ def test_abandoned_epoch_does_not_break_the_next(kind, train_source):
         first = next(iter(loader))  # e.g. limit_train_batches=1 / a sanity check
         assert first["names"] == want[0][0]
         assert names(loader) == want[1]  # the next epoch complete, and epoch 1's order
-        iter(loader)  # started and dropped without a single batch
-        assert names(loader) == want[3]
+        iter(loader)  # dropped without a single batch (Lightning's iterable check): uses no epoch
+        assert names(loader) == want[2]
         it = iter(loader)
         next(it)
         next(it)  # abandoned after two batches, one left in flight
         assert len(list(loader)) == 3
+    finally:
+        _close(loader, reference)
+
+
+def test_lightning_call_order_runs_the_epoch_it_sets(kind, train_source):
+    """Lightning calls iter() twice before set_epoch, and on resume sets the checkpoint's
+    epoch after its last iter(): the iterator runs the epoch set before its first batch."""
+    loader = make_loader(kind, train_source, seed=1)
+    reference = make_loader(kind, train_source, seed=1)
+    try:
+        want = [names(reference) for _ in range(3)]
+        iter(loader)
+        it = iter(loader)
+        loader.sampler.set_epoch(2)  # resuming after epoch 1
+        assert [b["names"] for b in it] == want[2]
+        loader.sampler.set_epoch(0)
+        assert names(loader) == want[0] != want[2]
     finally:
         _close(loader, reference)
 
