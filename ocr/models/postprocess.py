@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["DBPostProcessor"]
 
 _CLIPPER_SCALE = 1024.0  # fixed-point scale for pyclipper (1/1024 px precision)
-MIN_ORIGINAL_AREA = 1.0  # px^2 in the original image: less is a detection outside the image
+MIN_ORIGINAL_AREA = 1.0
+POLYGON_EPSILON_MAX_THICKNESS = 0.25  # approxPolyDP epsilon <= this x the candidate's shorter side  # px^2 in the original image: less is a detection outside the image
 
 
 def _to_numpy(x: Any, dtype=np.float32) -> np.ndarray:
@@ -108,7 +109,8 @@ class DBPostProcessor:
             rectangle has a shorter side ``< min_size + 2`` afterwards (as in DB).
         output: ``"quad"`` (min-area rectangle of the unclipped box, 4 points ordered
             tl, tr, br, bl) or ``"polygon"`` (unclipped ``approxPolyDP`` contour).
-        polygon_epsilon: ``approxPolyDP`` epsilon as a fraction of the contour length
+        polygon_epsilon: ``approxPolyDP`` epsilon as a fraction of the contour length, at most a
+            quarter of the candidate's shorter side
             (``"polygon"`` only; DB reference 0.01).
 
     Call: ``pp(prob_maps, matrices=None, orig_sizes=None)`` with ``prob_maps``
@@ -199,7 +201,11 @@ class DBPostProcessor:
         return box, score
 
     def _polygon(self, prob: np.ndarray, contour: np.ndarray) -> tuple[np.ndarray, float] | None:
-        eps = self.polygon_epsilon * cv2.arcLength(contour, True)
+        # The DB reference's epsilon (a fraction of the perimeter) exceeds half the thickness of a
+        # long text line's kernel (1% of a 250 x 6 px contour is 5 px), and approxPolyDP then
+        # collapses the line to 2 points: capped at a quarter of the kernel's thickness.
+        thickness = min(cv2.minAreaRect(contour)[1])
+        eps = min(self.polygon_epsilon * cv2.arcLength(contour, True), POLYGON_EPSILON_MAX_THICKNESS * thickness)
         approx = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2)
         if approx.shape[0] < 4:
             return None

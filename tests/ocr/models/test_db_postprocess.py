@@ -61,6 +61,17 @@ def test_polygon_output() -> None:
         np.testing.assert_allclose(_bounds(poly), (x0 - d, y0 - d, x1 + d, y1 + d), atol=1.0)
 
 
+def test_polygon_output_keeps_long_thin_lines() -> None:
+    # a receipt line's kernel: 250 x 6 px. 1% of its perimeter (5 px) as approxPolyDP's epsilon
+    # collapsed it to 2 points and the line was dropped; the output must match the quad's box.
+    prob = np.zeros((60, 300), np.float32)
+    prob[27:33, 25:275] = 0.9
+    (quad,), _ = DBPostProcessor()(prob[None])[0]
+    polys, _ = DBPostProcessor(output="polygon")(prob[None])[0]
+    assert len(polys) == 1 and len(polys[0]) >= 4
+    np.testing.assert_allclose(_bounds(polys[0]), _bounds(quad), atol=1.0)
+
+
 def test_weak_blob_dropped_by_box_thresh() -> None:
     prob = _two_rects()
     rng = np.random.default_rng(0)
