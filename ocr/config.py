@@ -177,6 +177,10 @@ class TrainerConfig:
     precision: str = "auto"  # auto: 16-mixed on CUDA, 32-true on CPU; any Lightning value wins
     accelerator: str = "auto"
     devices: Any = "auto"
+    # Several GPUs or machines: devices=N num_nodes=M strategy=ddp (Lightning launches the
+    # processes, or torchrun / SLURM as Lightning documents).
+    strategy: str = "auto"
+    num_nodes: int = 1
     limit_train_batches: Any = 1.0
     limit_val_batches: Any = 1.0
     limit_test_batches: Any = 1.0

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ocr.data.backends import BACKENDS, DEVICES, TARGET_MODES, choose_backend
@@ -96,6 +97,10 @@ def _devices(v: Any, cfg) -> bool:
 def _batch_limit(v: Any, cfg) -> bool:
     """Lightning's limit_*_batches: a fraction of the batches or a number of batches."""
     return (isinstance(v, float) and 0.0 <= v <= 1.0) or (_integer(v) and v >= 0)
+
+
+def _strategy(v: Any, cfg) -> bool:
+    return v == "auto" or v in StrategyRegistry
 
 
 def _targets(v: Any, cfg) -> bool | str:
@@ -185,6 +190,9 @@ ROWS: list[Row] = [
     Row("trainer.precision", *one_of(PRECISIONS), "auto: 16-mixed on CUDA, 32-true on CPU", "fp16"),
     Row("trainer.accelerator", *one_of(ACCELERATORS), "Lightning accelerator", "gpus"),
     Row("trainer.devices", "auto, -1 (all), a count >= 1, a list of device indices or '0,1'", _devices, "Lightning devices", "0"),
+    Row("trainer.strategy", "auto or a Lightning strategy name (ddp, ddp_spawn, fsdp, ...)", _strategy,
+        "how the devices share the work (ddp: one process per device, gradients averaged)", "dpp"),
+    Row("trainer.num_nodes", *at_least(1), "machines, each with trainer.devices devices", "0"),
     Row("trainer.limit_train_batches", "a fraction in [0.0, 1.0] or a number of batches >= 0", _batch_limit,
         "train batches per epoch", "1.5"),
     Row("trainer.limit_val_batches", "a fraction in [0.0, 1.0] or a number of batches >= 0", _batch_limit,

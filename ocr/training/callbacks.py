@@ -130,7 +130,8 @@ class EpochTimer(L.Callback):
         self.epochs.append(record)
         for logger in trainer.loggers:
             logger.log_metrics({f"time/{k}": v for k, v in record.items() if k.endswith(("_seconds", "_img_s"))}, step=trainer.global_step)
-        log.info(_epoch_line(record))
+        if trainer.is_global_zero:  # under DDP every rank keeps its record; rank 0 reports
+            log.info(_epoch_line(record))
 
 
 def _epoch_line(r: dict) -> str:

@@ -166,6 +166,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, precision: str, callbacks: 
         **precision_args(precision),
         accelerator=t.accelerator,
         devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches if validate else 0,
         limit_test_batches=t.limit_test_batches,
@@ -218,8 +220,9 @@ def check_cuda_usable(accelerator: str, info=None) -> None:
     log.info("%s (trainer.accelerator=%s: training on the CPU as asked)", info.cuda_problem.split(";")[0], accelerator)
 
 
-def train(cfg: DictConfig) -> Path:
-    """Fit, validating every epoch; returns the path of the run summary JSON."""
+def train(cfg: DictConfig) -> Path | None:
+    """Fit, validating every epoch; returns the path of the run summary JSON (None on the
+    other ranks of a DDP run: rank 0 reports the run)."""
     output_dir, precision = _common_setup(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     datamodule = OCRDataModule(cfg, splits=("train", "val"))
@@ -243,6 +246,8 @@ def train(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, output_dir, precision, callbacks, build_loggers(cfg, output_dir), validate)
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return None
 
     final = module.last_metrics.get("val")
     if final:
