@@ -419,6 +419,8 @@ def test(cfg: DictConfig) -> dict:
     datamodule.trainer = trainer  # the loader's caches read the trainer's limits and device
     loader = datamodule.split_loader(split)
     trainer.test(module, dataloaders=loader, verbose=False)
+    if not trainer.is_global_zero:
+        return None  # under DDP the metrics are gathered; rank 0 prints them once
     metrics = module.last_metrics["test"]
     log.info(
         "%s split (%d images): CLEval P %.4f R %.4f hmean %.4f | IoU P %.4f R %.4f hmean %.4f",
