@@ -9,10 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
+from receipt_data import write_receipts
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -22,31 +21,11 @@ import loader_bench  # noqa: E402
 from ocr.data.dataset import ThreadedLoader  # noqa: E402
 
 
-def _word(x: int, y: int, w: int, h: int, text: str) -> dict:
-    return {"points": [[x, y], [x + w, y], [x + w, y + h], [x, y + h]], "transcription": text}
-
-
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     """Six 480x360 JPEG "receipts" with three dark text boxes each, train and val alike."""
-    root = tmp_path_factory.mktemp("loader_bench")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        images = {}
-        for i in range(6):
-            canvas = np.full((480, 360, 3), 235, np.uint8) + rng.integers(0, 20, (480, 360, 3), dtype=np.uint8)
-            words = {}
-            for k in range(3):
-                x, y = 20 + 30 * k, 40 + 120 * k
-                cv2.rectangle(canvas, (x, y), (x + 200, y + 24), (20, 20, 20), -1)
-                words[f"{k + 1:04d}"] = _word(x, y, 200, 24, f"LINE {k}")
-            name = f"{split}_{i}.jpg"
-            assert cv2.imwrite(str(root / "images" / split / name), canvas)
-            images[name] = {"words": words}
-        (root / "jsons").mkdir(exist_ok=True)
-        (root / "jsons" / f"{split}.json").write_text(json.dumps({"images": images}), encoding="utf-8")
-    return root
+    return write_receipts(tmp_path_factory.mktemp("loader_bench"), 480, 360,
+                          [(20 + 30 * k, 40 + 120 * k) for k in range(3)], (200, 24))
 
 
 ONE_THREAD = {"backend": "cpu", "device": "cpu", "cpu_loader": "threads", "num_workers": 1}

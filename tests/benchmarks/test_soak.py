@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
+from receipt_data import write_receipts
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -38,25 +37,7 @@ def test_epoch_slope_ignores_the_warm_up_epochs():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     """Six 320x240 JPEGs with two dark text boxes each, train and val alike."""
-    root = tmp_path_factory.mktemp("soak")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        images = {}
-        for i in range(6):
-            canvas = np.full((320, 240, 3), 235, np.uint8) + rng.integers(0, 20, (320, 240, 3), dtype=np.uint8)
-            words = {}
-            for k in range(2):
-                x, y = 20, 60 + 120 * k
-                cv2.rectangle(canvas, (x, y), (x + 160, y + 24), (20, 20, 20), -1)
-                words[f"{k:04d}"] = {"points": [[x, y], [x + 160, y], [x + 160, y + 24], [x, y + 24]],
-                                     "transcription": f"LINE {k}"}
-            name = f"{split}_{i}.jpg"
-            assert cv2.imwrite(str(root / "images" / split / name), canvas)
-            images[name] = {"words": words}
-        (root / "jsons").mkdir(exist_ok=True)
-        (root / "jsons" / f"{split}.json").write_text(json.dumps({"images": images}), encoding="utf-8")
-    return root
+    return write_receipts(tmp_path_factory.mktemp("soak"), 320, 240, [(20, 60 + 120 * k) for k in range(2)], (160, 24))
 
 
 def test_tiny_soak_of_both_backends_writes_every_figure(tiny_root, tmp_path, capsys):
