@@ -104,7 +104,7 @@ def load_source(root: Path) -> SampleSource:
 def build_path(path: str, source: SampleSource, params: TransformParams, args):
     """(loader, device, render counted in the figure) for one ``<backend>/<device>`` path."""
     from dali_pipelines.loader import DaliLoader
-    from ocr.data.dataset import ThreadedLoader, ValidatedOCRDataset, make_cpu_loader
+    from ocr.data.dataset import ProcessLoader, ThreadedLoader, ValidatedOCRDataset
     from ocr.hardware import usable_cpus
 
     cpus = usable_cpus()
@@ -117,8 +117,7 @@ def build_path(path: str, source: SampleSource, params: TransformParams, args):
         return ThreadedLoader(dataset, num_threads=cpus, **kw), device, True
     if backend == "cpu":  # the GPU path's CPU backend: DataLoader worker processes, targets deferred
         dataset = ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="deferred", seed=0)
-        loader = make_cpu_loader(dataset, args.batch_size, shuffle=True, num_workers=max(1, cpus - 1), drop_last=True,
-                                 pin_memory=cuda is not None)
+        loader = ProcessLoader(dataset, num_workers=max(1, cpus - 1), pin_memory=cuda is not None, **kw)
         return loader, device, where == "gpu"
     if where == "cpu":
         return DaliLoader(source, params, TARGET_KW, device="cpu", num_threads=cpus, **kw), device, True

@@ -117,6 +117,7 @@ class LoaderConfig:
     batch_size: int = II("batch_size")  # the training batch; default: the top-level batch_size
     eval_batch_size: int = II("batch_size")  # val/test/predict batches; default: the top-level batch_size
     num_workers: int = -1  # -1: chosen from the CPU count
+    cpu_loader: str = "auto"  # auto | threads | processes (CPU backend; auto: threads on the CPU, processes next to a GPU)
     dali_threads: int = -1  # -1: chosen from the CPU count
     targets: str = "auto"  # auto | reference | vectorized
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ocr.data.backends import BACKENDS, DEVICES, TARGET_MODES, choose_backend
+from ocr.data.backends import BACKENDS, CPU_LOADERS, DEVICES, TARGET_MODES, choose_backend
 from ocr.data.memory import STORES
 from ocr.models.backbone import BACKBONE_CHANNELS
 from ocr.training.run import ConfigError
@@ -163,6 +163,9 @@ ROWS: list[Row] = [
     Row("loader.batch_size", *at_least(1), "training batch size", "0"),
     Row("loader.eval_batch_size", *at_least(1), "val/test/predict batch size", "0"),
     Row("loader.num_workers", *at_least(-1), "CPU backend loader threads or processes (-1: from the CPU count)", "-2"),
+    Row("loader.cpu_loader", *one_of(CPU_LOADERS),
+        "CPU backend: loader threads in the training process or DataLoader worker processes "
+        "(auto: threads when training on the CPU, processes next to a GPU)", "workers"),
     Row("loader.dali_threads", *at_least(-1), "DALI CPU threads (-1: from the CPU count)", "-2"),
     # model
     Row("model.backbone", *one_of(tuple(BACKBONE_CHANNELS)), "torchvision ResNet", "7x"),

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import DictConfig
 
-from ocr.data.dataset import ThreadedLoader, ValidatedOCRDataset, make_cpu_loader
+from ocr.data.dataset import ProcessLoader, ThreadedLoader, ValidatedOCRDataset
 from ocr.data.source import SampleSource
 from ocr.data.transforms import TransformParams
 from ocr.hardware import usable_cpus
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "cpu", "dali")
 DEVICES = ("auto", "gpu", "cpu")
 TARGET_MODES = ("auto", "reference", "vectorized")
+CPU_LOADERS = ("auto", "threads", "processes")
 
 
 #: Why ``auto`` takes the CPU backend without CUDA: in benchmarks/loader_bench.py the CPU
@@ -75,7 +76,9 @@ def choose_backend(loader_cfg: DictConfig, cuda_available: bool | None = None,
     decoding, augmenting or computing targets on the GPU would only copy every batch back.
     """
     backend, device, targets = loader_cfg.backend, loader_cfg.device, loader_cfg.targets
-    for key, value, allowed in (("backend", backend, BACKENDS), ("device", device, DEVICES), ("targets", targets, TARGET_MODES)):
+    cpu_loader = loader_cfg.get("cpu_loader", "auto")
+    for key, value, allowed in (("backend", backend, BACKENDS), ("device", device, DEVICES), ("targets", targets, TARGET_MODES),
+                                ("cpu_loader", cpu_loader, CPU_LOADERS)):
         if value not in allowed:
             raise BackendError(f"loader.{key}: {value!r} is not one of {', '.join(allowed)}")
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
@@ -106,9 +109,10 @@ def choose_backend(loader_cfg: DictConfig, cuda_available: bool | None = None,
         targets = "vectorized"
         reasons.append(f"vectorised DB targets on the {device}")
     cpus = usable_cpus()
-    # CPU training: loader threads in the training process (no inter-process copies; OpenCV,
-    # NumPy and torch release the GIL); with a GPU, the classic DataLoader worker processes
-    cpu_loader = "threads" if device == "cpu" else "processes"
+    if cpu_loader == "auto":
+        # CPU training: loader threads in the training process (no inter-process copies; OpenCV,
+        # NumPy and torch release the GIL); with a GPU, the classic DataLoader worker processes
+        cpu_loader = "threads" if device == "cpu" else "processes"
     if loader_cfg.num_workers >= 0:
         workers = loader_cfg.num_workers
     else:
@@ -138,5 +142,5 @@ def build_loader(choice: BackendChoice, source: SampleSource, params: TransformP
     if choice.cpu_loader == "threads":
         return ThreadedLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                               num_threads=choice.num_workers)
-    return make_cpu_loader(dataset, batch_size, shuffle=shuffle, num_workers=choice.num_workers, drop_last=drop_last,
-                           pin_memory=choice.device == "gpu")
+    return ProcessLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                         num_workers=choice.num_workers, pin_memory=choice.device == "gpu")

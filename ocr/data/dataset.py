@@ -9,8 +9,9 @@ DB targets) and its two loaders:
   processes spent ~45% more CPU time per image, benchmarks/loader_bench.py). Sample order
   and random geometry come from ``(seed, epoch, index)`` (``ocr.data.sampling``), sharded
   by rank like the DALI loader.
-* :func:`make_cpu_loader`: a ``torch.utils.data.DataLoader`` with worker processes (the
-  classic baseline; used when the model trains on a GPU).
+* :class:`ProcessLoader`: a ``torch.utils.data.DataLoader`` with worker processes (the
+  classic baseline; the default when the model trains on a GPU), on the same epoch plan
+  and per-sample random streams, so it gives the threaded loader's batches.
 
 Items carry the uint8 HWC canvas; the collate function normalises the whole batch (see
 ``ocr.data.batch``), so the Batch the model sees is the same float tensor either way.
@@ -43,11 +44,9 @@ class ValidatedOCRDataset(Dataset):
     """One split as samples: the uint8 canvas (``image``, HWC RGB), M, polygons (original
     and network pixels), ignore flags and, with ``target_mode="reference"``, the DB maps.
 
-    Random augmentation: with ``seed`` set, sample ``i`` of epoch ``e`` draws from
-    ``sample_rng(seed, e, i)`` (what the threaded loader and the DALI loader use); without
-    it, from a generator seeded from the process's torch seed, so
-    ``seed_everything(..., workers=True)`` makes DataLoader runs repeatable and every worker
-    gets its own stream.
+    Random augmentation: sample ``i`` of epoch ``e`` draws from ``sample_rng(seed, e, i)``
+    (what both CPU loaders and the DALI loader use; the loaders set ``seed`` to theirs), so
+    it does not depend on the thread, worker process or rank that builds it.
     """
 
     def __init__(self, source: SampleSource, params: TransformParams, with_targets: bool = True,
@@ -64,8 +63,6 @@ class ValidatedOCRDataset(Dataset):
         self.target_mode = target_mode
         self.seed = seed
         self.epoch = 0
-        self._rng: np.random.Generator | None = None
-        self._rng_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -73,18 +70,11 @@ class ValidatedOCRDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _generator(self) -> np.random.Generator:
-        seed = torch.initial_seed()
-        if self._rng is None or self._rng_seed != seed:
-            self._rng, self._rng_seed = np.random.default_rng(seed), seed
-        return self._rng
-
     def sample_generator(self, index: int, epoch: int | None = None) -> np.random.Generator | None:
         if not self.params.train:
             return None
-        if self.seed is not None:
-            return sample_rng(self.seed, self.epoch if epoch is None else epoch, index)
-        return self._generator()
+        seed = 0 if self.seed is None else self.seed
+        return sample_rng(seed, self.epoch if epoch is None else epoch, index)
 
     def _canvas(self, index: int, matrix: np.ndarray, rng) -> np.ndarray:
         height, width = self.source.sizes[index]
@@ -136,7 +126,10 @@ class ValidatedOCRDataset(Dataset):
                 item[GEOMETRY_KEY] = sample_geometry(net_polygons, sample.ignore, size, self.target_kwargs)
         return item
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """``dataset[i]`` (the current epoch) or ``dataset[(i, epoch)]`` (:class:`ProcessLoader`)."""
+        if isinstance(index, tuple):
+            return self.get(*index)
         return self.get(index)
 
     def collator(self) -> Collator:
@@ -144,21 +137,84 @@ class ValidatedOCRDataset(Dataset):
         return Collator(mode, self.target_kwargs, mean=self.params.mean, std=self.params.std)
 
 
-def make_cpu_loader(dataset: ValidatedOCRDataset, batch_size: int, shuffle: bool, num_workers: int,
-                    drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    """The DataLoader (worker processes) version of the CPU backend."""
-    mode = dataset.target_mode if dataset.with_targets else "reference"
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=Collator(mode, dataset.target_kwargs, mean=dataset.params.mean, std=dataset.params.std),
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
+class _PlanBatches:
+    """A DataLoader's ``batch_sampler``: the batches of the epoch the :class:`ProcessLoader` set,
+    each sample as ``(index, epoch)`` so the worker processes draw that epoch's augmentation
+    (their copy of the dataset never hears of ``set_epoch``)."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield [(int(i), self.epoch) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ProcessLoader(PlannedLoader):
+    """The CPU backend with ``torch.utils.data.DataLoader`` worker processes (the classic
+    baseline; the default when the model trains on a GPU). The batches are the
+    :class:`~ocr.data.sampling.EpochPlan`'s, as in the threaded loader: shuffled from
+    ``(seed, epoch)``, sharded by the torch.distributed rank (Lightning adds no
+    DistributedSampler to it, nor to the batch cache or map filler that may wrap it), every
+    sample augmented from ``sample_rng(seed, epoch, index)`` whichever worker builds it. So
+    both CPU loaders give the same batches, bit for bit."""
+
+    def __init__(self, dataset: ValidatedOCRDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 num_workers: int, pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
+        if dataset.seed is None:
+            dataset.seed = seed
+        super().__init__(len(dataset), batch_size, shuffle, drop_last, seed, rank, world_size)
+        self.dataset = dataset
+        self._plan_batches = _PlanBatches()
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self._plan_batches,
+            num_workers=num_workers,
+            collate_fn=dataset.collator(),
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=2 if num_workers > 0 else None,
+        )
+
+    def __iter__(self) -> "_ProcessEpoch":
+        return _ProcessEpoch(self)
+
+    def _start_epoch(self):
+        """The DataLoader's iterator over the next epoch; called by an iterator's first ``next()``
+        (see ``ocr.data.sampling.PlannedLoader.take_epoch``). A DataLoader with persistent
+        workers keeps one iterator: starting an epoch drops what is left of an abandoned one."""
+        epoch = self.take_epoch()
+        self._plan_batches.epoch, self._plan_batches.batches = epoch, self.plan.batches(epoch)
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``iter()`` starts new ones)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.loader._iterator = None
+
+
+class _ProcessEpoch:
+    def __init__(self, loader: ProcessLoader):
+        self._loader = loader
+        self._iterator = None
+
+    def __iter__(self) -> "_ProcessEpoch":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._loader._start_epoch()
+        return next(self._iterator)
 
 
 def _limit_thread_parallelism() -> None:

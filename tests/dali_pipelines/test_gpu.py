@@ -11,7 +11,7 @@ import torch
 
 from dali_pipelines.loader import DaliLoader
 from ocr.data.batch import GEOMETRY_KEY, TARGET_KEYS, attach_targets, batch_to
-from ocr.data.dataset import ThreadedLoader, ValidatedOCRDataset, make_cpu_loader
+from ocr.data.dataset import ProcessLoader, ThreadedLoader, ValidatedOCRDataset
 from ocr.data.transforms import TransformParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -108,15 +108,15 @@ def test_geometry_from_worker_processes_rendered_on_cuda(val_source):
     want = list(ThreadedLoader(ValidatedOCRDataset(val_source, params, target_kwargs=TARGET_KW,
                                                    target_mode="vectorized"),
                                batch_size=2, shuffle=False, drop_last=False, seed=3, num_threads=2))
-    procs = make_cpu_loader(ValidatedOCRDataset(val_source, params, target_kwargs=TARGET_KW, target_mode="deferred"),
-                            2, shuffle=False, num_workers=2, pin_memory=True)
+    procs = ProcessLoader(ValidatedOCRDataset(val_source, params, target_kwargs=TARGET_KW, target_mode="deferred"),
+                          batch_size=2, shuffle=False, drop_last=False, seed=3, num_workers=2, pin_memory=True)
     device = torch.device("cuda", torch.cuda.current_device())
     for got, w in zip(procs, want, strict=True):
         assert GEOMETRY_KEY in got and "prob_maps" not in got and got["images"].is_pinned()
         got = attach_targets(batch_to(got, device, non_blocking=True), TARGET_KW)
         assert got["prob_maps"].is_cuda
         _same_targets(got, w)
-    del procs
+    procs.close()
 
 
 def test_parallel_source_with_gpu_pipeline(train_source):

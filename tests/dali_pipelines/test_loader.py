@@ -213,26 +213,6 @@ def test_parallel_external_source_gives_the_same_batches(train_source):
         _close(serial, parallel)
 
 
-def test_cpu_backend_threads_and_worker_processes_give_the_same_eval_batches(val_source):
-    """The DataLoader version (worker processes; the collate function allocates the batch in
-    shared memory) and the threaded loader hand the model the same images and targets."""
-    from ocr.data.dataset import make_cpu_loader
-
-    params = TransformParams(image_size=SIZE, train=False)
-    threads = ThreadedLoader(ValidatedOCRDataset(val_source, params, target_kwargs=TARGET_KW, target_mode="vectorized"),
-                             2, False, False, 0, num_threads=2)
-    procs = make_cpu_loader(ValidatedOCRDataset(val_source, params, target_kwargs=TARGET_KW, target_mode="vectorized"),
-                            2, shuffle=False, num_workers=2)
-    try:
-        for a, b in zip(threads, procs, strict=True):
-            assert a["names"] == b["names"]
-            for key in ("images", "matrices", "orig_sizes", "prob_maps", "prob_masks", "thresh_maps", "thresh_masks"):
-                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    finally:
-        threads.close()
-        del procs
-
-
 def _forbid_geometry_in_this_thread(monkeypatch):
     """prepare_polygons (the per-polygon target geometry) raises when the calling thread runs it."""
     import threading
@@ -264,7 +244,7 @@ def test_deferred_targets_leave_only_rendering_to_the_training_thread(monkeypatc
     and worker processes) and the DALI loader without rendering (parallel external source) hand the
     training thread the batch's packed geometry; rendering it gives the maps of the normal path."""
     from ocr.data.batch import GEOMETRY_KEY, attach_targets
-    from ocr.data.dataset import make_cpu_loader
+    from ocr.data.dataset import ProcessLoader
 
     source = train_source if split == "train" else val_source
     params = TransformParams(image_size=SIZE, train=split == "train")
@@ -274,26 +254,19 @@ def test_deferred_targets_leave_only_rendering_to_the_training_thread(monkeypatc
     calls = _forbid_geometry_in_this_thread(monkeypatch)
     deferred = ThreadedLoader(ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="deferred"),
                               num_threads=2, **kw)
-    procs = make_cpu_loader(ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="deferred",
-                                                seed=4), 3, shuffle=False, num_workers=1)
+    procs = ProcessLoader(ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="deferred"),
+                          num_workers=1, **kw)
     dali = DaliLoader(source, params, TARGET_KW, device="cpu", num_threads=2, parallel=True, py_num_workers=1,
                       helper_thread=False, render_targets=False, **kw)
     try:
-        got_threads, got_dali = list(deferred), list(dali)
+        got_threads, got_dali, got_procs = list(deferred), list(dali), list(procs)
         assert calls["workers"] > 0  # the loader threads did it
-        for got in (got_threads, got_dali):
+        for got in (got_threads, got_dali, got_procs):
             for a, b in zip(got, want, strict=True):
                 assert a["names"] == b["names"] and "prob_maps" not in a and GEOMETRY_KEY in a
                 attach_targets(a, TARGET_KW)
                 assert GEOMETRY_KEY not in a
                 for key, value in _maps(b).items():
                     assert torch.equal(a[key], value), key
-        if split == "val":  # unshuffled: the DataLoader's order is the plan's
-            for a, b in zip(procs, want, strict=True):
-                assert GEOMETRY_KEY in a and "prob_maps" not in a
-                attach_targets(a, TARGET_KW)
-                for key, value in _maps(b).items():
-                    assert torch.equal(a[key], value), key
     finally:
-        _close(deferred, dali)
-        del procs
+        _close(deferred, dali, procs)

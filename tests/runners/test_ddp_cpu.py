@@ -1,5 +1,6 @@
 """Lightning DDP on the CPU: runners/train.py with trainer.devices=2 trainer.strategy=ddp (two
-processes, gloo), for the CPU backend and for DALI on the CPU. Every training sample is seen
+processes, gloo), for the CPU backend (loader threads and DataLoader worker processes) and for
+DALI on the CPU. Every training sample is seen
 exactly once per epoch across the ranks, the ranks get the same number of batches, only rank 0
 reports, and the validation metrics equal a single-process runners/test.py on the same
 checkpoint and data (the val split has an odd size: one rank's shard is padded with a
@@ -63,7 +64,11 @@ COMMON = [
     "loader.eval_batch_size=2", "loader.num_workers=1", "loader.dali_threads=1", "model.eval_workers=0",
     "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.enable_progress_bar=false", "seed=42",
 ]
-BACKENDS = {"cpu": ["loader.backend=cpu"], "dali": ["loader.backend=dali", "loader.device=cpu"]}
+# the CPU backend's two loaders: threads (its default on the CPU) and DataLoader worker processes
+# (its default next to a GPU), each with the validation batch cache and map filler wrapped around it
+BACKENDS = {"cpu": ["loader.backend=cpu", "loader.cpu_loader=threads"],
+            "cpu-processes": ["loader.backend=cpu", "loader.cpu_loader=processes"],
+            "dali": ["loader.backend=dali", "loader.device=cpu"]}
 
 
 @pytest.fixture(scope="module")

@@ -55,3 +55,18 @@ def test_datamodule_passes_the_trainer_group(monkeypatch, tmp_path):
     assert (dm.choice.backend, dm.choice.device) == ("cpu", "cpu")
     cfg = compose_small(tmp_path, "loader.backend=cpu", "loader.device=auto", "trainer.accelerator=auto")
     assert OCRDataModule(cfg, splits=("val",)).choice.device == "gpu"
+
+
+@pytest.mark.parametrize("cuda, cpu_loader, expect", [
+    (False, "auto", "threads"), (True, "auto", "processes"),  # auto: threads on the CPU, processes next to a GPU
+    (False, "processes", "processes"), (True, "threads", "threads"),
+])
+def test_cpu_loader_kind_is_chosen_or_as_configured(cuda, cpu_loader, expect):
+    choice = choose_backend(_loader(backend="cpu", cpu_loader=cpu_loader), cuda_available=cuda)
+    assert choice.cpu_loader == expect
+    assert ("worker processes" if expect == "processes" else "loader threads") in choice.reason
+
+
+def test_unknown_cpu_loader_is_refused():
+    with pytest.raises(BackendError, match="loader.cpu_loader: 'workers' is not one of auto, threads, processes"):
+        choose_backend(_loader(backend="cpu", cpu_loader="workers"), cuda_available=False)
