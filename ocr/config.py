@@ -10,6 +10,20 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
 
+class ConfigError(ValueError):
+    """A config value a runner refuses: one line naming the key, the value and what is allowed."""
+
+
+# The fixed choices of the fields below; this module imports neither torch nor Lightning, so
+# a runner refuses a bad value (ocr/config_validation.py) before those load.
+BACKENDS = ("auto", "cpu", "dali")  # loader.backend
+DEVICES = ("auto", "gpu", "cpu")  # loader.device
+TARGET_MODES = ("auto", "reference", "vectorized")  # loader.targets
+CPU_LOADERS = ("auto", "threads", "processes")  # loader.cpu_loader
+STORES = ("auto", "gpu", "pinned", "host", "disk", "off")  # datasets.*.config.cache_config.store
+BACKBONES = ("resnet18", "resnet34", "resnet50")  # model.backbone
+
+
 @dataclass
 class CacheConfig:
     # Replay this eval split's Batches (images + targets + metadata) after the first

@@ -11,13 +11,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ocr.data.backends import BACKENDS, CPU_LOADERS, DEVICES, TARGET_MODES, choose_backend
-from ocr.data.memory import STORES
-from ocr.models.backbone import BACKBONE_CHANNELS
-from ocr.training.run import ConfigError
+# torch-free (torch and Lightning load only for the values that need them): a refused config
+# costs an interpreter and Hydra, not ~10 s of imports
+from ocr.config import BACKBONES, BACKENDS, CPU_LOADERS, DEVICES, STORES, TARGET_MODES, ConfigError
 
 __all__ = ["ROWS", "FREE_FORM", "Row", "validate", "problems", "raw_leaves", "ignored_overrides", "check_overrides",
            "markdown_table"]
@@ -100,7 +98,11 @@ def _batch_limit(v: Any, cfg) -> bool:
 
 
 def _strategy(v: Any, cfg) -> bool:
-    return v == "auto" or v in StrategyRegistry
+    if v == "auto":
+        return True
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return v in StrategyRegistry
 
 
 def _targets(v: Any, cfg) -> bool | str:
@@ -110,6 +112,8 @@ def _targets(v: Any, cfg) -> bool | str:
         return True
     # the DALI graph and the GPU target path compute the vectorised targets: refuse rather
     # than run them while the log and the cache key say "reference"
+    from ocr.data.backends import choose_backend
+
     choice = choose_backend(cfg.loader, trainer_cfg=cfg.get("trainer"))
     if choice.backend == "cpu" and choice.device == "cpu":
         return True
@@ -168,7 +172,7 @@ ROWS: list[Row] = [
         "(auto: threads when training on the CPU, processes next to a GPU)", "workers"),
     Row("loader.dali_threads", *at_least(-1), "DALI CPU threads (-1: from the CPU count)", "-2"),
     # model
-    Row("model.backbone", *one_of(tuple(BACKBONE_CHANNELS)), "torchvision ResNet", "7x"),
+    Row("model.backbone", *one_of(BACKBONES), "torchvision ResNet", "7x"),
     Row("model.inner_channels", "a multiple of 4, >= 4", lambda v, cfg: _integer(v) and v >= 4 and v % 4 == 0, "FPN width", "30"),
     Row("model.k", *above(0), "amplifying factor of the approximate binarisation", "0"),
     Row("model.eval_workers", *at_least(-1), "scoring worker processes (-1: from the CPU count, 0: in the training process)", "-2"),

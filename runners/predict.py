@@ -12,9 +12,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from ocr.training.run import predict
-
-    run_safely(predict, cfg)
+    run_safely("predict", cfg)  # validates the config before torch and Lightning load
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="test")
 def main(cfg: DictConfig) -> None:
-    from ocr.training.run import test
-
-    run_safely(test, cfg)
+    run_safely("test", cfg)  # validates the config before torch and Lightning load
 
 
 if __name__ == "__main__":

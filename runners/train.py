@@ -11,9 +11,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from ocr.training.run import train
-
-    run_safely(train, cfg)
+    run_safely("train", cfg)  # validates the config before torch and Lightning load
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import DictConfig
 
+from ocr.config import BACKENDS, CPU_LOADERS, DEVICES, TARGET_MODES  # noqa: F401 - re-exported
 from ocr.data.dataset import ProcessLoader, ThreadedLoader, ValidatedOCRDataset
 from ocr.data.source import SampleSource
 from ocr.data.transforms import TransformParams
@@ -19,10 +20,6 @@ from ocr.hardware import usable_cpus
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpu", "dali")
-DEVICES = ("auto", "gpu", "cpu")
-TARGET_MODES = ("auto", "reference", "vectorized")
-CPU_LOADERS = ("auto", "threads", "processes")
 
 
 #: Why ``auto`` takes the CPU backend without CUDA: in benchmarks/loader_bench.py the CPU

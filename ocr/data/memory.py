@@ -21,9 +21,10 @@ from pathlib import Path
 import psutil
 import torch
 
+from ocr.config import STORES
+
 log = logging.getLogger(__name__)
 
-STORES = ("auto", "gpu", "pinned", "host", "disk", "off")
 GB = 1024 ** 3
 DISK_FRACTION = 0.9  # of the free disk space a disk store may take
 DISK_RESERVE = 1 * GB  # and always leave this much free

@@ -11,14 +11,16 @@ import torch
 import torchvision
 from torch import nn
 
+from ocr.config import BACKBONES
+
 __all__ = ["ResNetBackbone", "BACKBONE_CHANNELS"]
 
 #: Output channels of layer1..layer4 for each supported architecture.
-BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int]] = {
-    "resnet18": (64, 128, 256, 512),
-    "resnet34": (64, 128, 256, 512),
-    "resnet50": (256, 512, 1024, 2048),
-}
+BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int]] = dict(zip(BACKBONES, (
+    (64, 128, 256, 512),  # resnet18
+    (64, 128, 256, 512),  # resnet34
+    (256, 512, 1024, 2048),  # resnet50
+), strict=True))
 
 
 class ResNetBackbone(nn.Module):

@@ -96,23 +96,32 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def check_config(fn, cfg) -> None:
-    """Validate every key before ``fn`` (train | test | predict) touches data; overrides
+def check_config(runner: str, cfg) -> None:
+    """Validate every key before ``runner`` (train | test | predict) touches data; overrides
     the runner reads nothing from are one warning."""
     from ocr.config_validation import check_overrides, ignored_overrides, validate
 
     overrides = _overrides()
     check_overrides(overrides)
     validate(cfg)
-    ignored = ignored_overrides(fn.__name__, cfg, overrides)
+    ignored = ignored_overrides(runner, cfg, overrides)
     if ignored:
-        log.warning("runners/%s.py reads nothing from these overrides (ignored): %s", fn.__name__, " ".join(ignored))
+        log.warning("runners/%s.py reads nothing from these overrides (ignored): %s", runner, " ".join(ignored))
 
 
-def run_safely(fn, cfg):
+def run_safely(runner: str, cfg):
+    """Run ``ocr.training.run.<runner>`` on ``cfg``: the config is checked first, without
+    importing torch or Lightning, so a refused value costs about a second, not ~10."""
+    from ocr.config import ConfigError
+
     try:
-        check_config(fn, cfg)
-        result = fn(cfg)
+        check_config(runner, cfg)
+    except ConfigError as exc:
+        fail(_message(exc))
+    try:
+        from ocr.training import run
+
+        result = getattr(run, runner)(cfg)
     except user_error_types() as exc:
         fail(_message(exc))
     if isinstance(result, Path):

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ocr import faults
+from ocr.config import ConfigError  # noqa: F401 - raised here; callers import it from here too
 from ocr.data.backends import CUDA_ACCELERATORS
 from ocr.data.datamodule import OCRDataModule
 from ocr.hardware import probe
@@ -27,10 +28,6 @@ from ocr.training.plots import CurvesPlot
 from ocr.versions import stack
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 PRECISION_NAMES = {

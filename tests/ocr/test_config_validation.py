@@ -171,3 +171,31 @@ def test_markdown_table_lists_every_row():
     assert lines[0] == "| Key | Allowed | What it sets |"
     assert [line.split("`")[1] for line in lines[2:2 + len(ROWS)]] == [r.key for r in ROWS]
     assert "`model.backbone` | one of resnet18, resnet34, resnet50 |" in markdown_table()
+
+
+def test_a_refused_config_loads_neither_torch_nor_lightning():
+    """A runner checks the config before it imports torch and Lightning (~10 s on a small
+    machine): validating the default config and refusing a bad one load neither."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from hydra import compose, initialize_config_dir
+from ocr.config import ConfigError, register_configs
+from ocr.training.entry import check_config
+register_configs()
+with initialize_config_dir(version_base="1.3", config_dir={str(CONFIGS)!r}):
+    good = compose(config_name="train", overrides=["output_dir=/tmp/unused"])
+    bad = compose(config_name="train", overrides=["model.backbone=7x", "output_dir=/tmp/unused"])
+check_config("train", good)
+try:
+    check_config("train", bad)
+except ConfigError as e:
+    print("refused:", e)
+print("loaded:", sorted(m for m in ("torch", "lightning", "torchvision") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: model.backbone=7x: must be one of resnet18, resnet34, resnet50" in out.stdout
+    assert "loaded: []" in out.stdout, out.stdout
