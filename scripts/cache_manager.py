@@ -10,8 +10,9 @@ maps, under the directory training writes to (cache_config.cache_dir, default .c
 
 status    every entry: kind, split, key, size, age, last use, dataset
 health    corrupt entries (unreadable manifest, missing or resized files, checksum
-          mismatches; --quick skips the checksums), orphans (temporary directories of
-          interrupted writes, half-deleted entries, stray files) and stale entries (the
+          mismatches; --quick skips the checksums), orphans (temporary directories and
+          lock files of interrupted writes, half-deleted entries, stray files; those
+          of a live writer are not orphans) and stale entries (the
           dataset or annotations on disk changed since the entry was written, or an
           older cache format)
 validate  verifies the SHA-256 of every file of every entry, entry by entry
@@ -37,6 +38,7 @@ except ImportError:  # run from a checkout without the project installed
 from ocr.config import CacheConfig  # noqa: E402
 from ocr.data.cache import (  # noqa: E402
     KINDS,
+    LOCK_PREFIX,
     TMP_PREFIX,
     TRASH_PREFIX,
     EntryInfo,
@@ -78,6 +80,8 @@ def _other_kind(path: Path) -> str:
         return "temporary directory of an interrupted write"
     if path.name.startswith(TRASH_PREFIX):
         return "half-deleted entry"
+    if path.name.startswith(LOCK_PREFIX):
+        return "lock file of a writer"
     return "not a cache entry"
 
 

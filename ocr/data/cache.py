@@ -21,6 +21,9 @@ entries are written into a temporary directory and renamed into place (atomic: a
 sees no entry or a complete one), every file's SHA-256 is in the entry's manifest and is
 verified when a process first opens the entry; a corrupt entry is reported with one
 warning and rebuilt. Files hold tensors only (``torch.load(weights_only=True)``).
+One process writes an entry at a time (:class:`EntryLock`): a run that finds another
+process writing the same key reads its pass from the loader, unrecorded, and replays the
+entry once the other process has published it.
 
 Keys (``ocr.data.cache_key``): the dataset content fingerprint, the annotation file's
 hash, every transform parameter, the target parameters, the loader settings that change
@@ -36,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -59,6 +63,9 @@ MANIFEST = "manifest.json"
 LAST_USED = "last_used"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+LOCK_PREFIX = ".lock-"
+LOCK_STALE_S = 600.0  # a lock not refreshed for this long is taken over (see EntryLock)
+HOST = socket.gethostname()
 LOW_HIT_RATE = 0.8
 
 
@@ -77,14 +84,207 @@ def entry_path(cache_dir: str | os.PathLike, key: CacheKey) -> Path:
     return Path(cache_dir) / key.kind / f"{key.split}-{key.short}"
 
 
+# One writer per entry. A writer first creates the lock file ``<kind>/.lock-<entry>``
+# (O_CREAT|O_EXCL: exactly one process succeeds) holding its pid and host, refreshes its
+# mtime with every file it writes and deletes it after publishing or giving up. The others
+# do not write that entry: the batch cache reads its pass from the loader (which that pass
+# needs anyway; waiting would be slower) and replays the entry once it is published; the
+# maps writer waits for it, bounded, then writes anyway. A lock is stale, and taken over,
+# when its process is dead (same host: the pid check of ocr/shm.py) or when it was not
+# refreshed for LOCK_STALE_S (another host, a reused pid, a hung writer): a killed writer
+# never blocks anyone. Correctness does not rest on the lock: each writer still writes its
+# own temporary directory and publishes it with one rename, and the loser of a rename race
+# keeps the winner's verified entry, so two writers (a lock taken over twice at the same
+# instant, a waiter that gave up) only waste work. Not fcntl locks: unreliable on network
+# file systems, and inherited by the DataLoader workers forked while one is held.
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    pid: int | None  # None: unreadable, or its writer has not written it yet
+    host: str
+    age: float  # seconds since its holder last refreshed it
+    ident: tuple  # (inode, mtime_ns, text): tells one lock file from its successor
+
+    def describe(self) -> str:
+        return f"process {self.pid if self.pid is not None else '?'} on {self.host or '?'}"
+
+
+def lock_path(final: Path) -> Path:
+    final = Path(final)
+    return final.parent / f"{LOCK_PREFIX}{final.name}"
+
+
+def read_lock(path: Path) -> LockInfo | None:
+    """The lock file at ``path`` (None: there is none)."""
+    try:
+        st = os.stat(path)
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        st, text = os.stat(path), ""  # unreadable: judged by its age alone
+    try:
+        data = json.loads(text)
+        pid, host = int(data["pid"]), str(data["host"])
+    except (ValueError, KeyError, TypeError):
+        pid, host = None, ""
+    return LockInfo(pid, host, max(0.0, time.time() - st.st_mtime), (st.st_ino, st.st_mtime_ns, text))
+
+
+def lock_is_live(info: LockInfo, stale_s: float = LOCK_STALE_S) -> bool:
+    if info.age >= stale_s:
+        return False
+    if info.host == HOST and info.pid is not None:
+        return pid_alive(info.pid)
+    return True  # another host (its pid means nothing here), or being written: trusted while fresh
+
+
+class EntryLock:
+    """The lock of one entry, held by this process (see the comment above)."""
+
+    def __init__(self, path: Path, token: str):
+        self.path = path
+        self.token = token
+
+    def refresh(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        held = read_lock(self.path)
+        if held is not None and self.token in held.ident[2]:  # not a successor's (ours was taken over)
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def try_lock(final: Path, stale_s: float = LOCK_STALE_S) -> tuple[EntryLock | None, LockInfo | None]:
+    """(lock, None) when this process now writes the entry ``final``; (None, holder) when a
+    live process does. A stale lock is taken over, and its dead writer's temporary
+    directories of this entry are removed."""
+    path = lock_path(final)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = os.urandom(8).hex()
+    holder = None
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is None:
+                continue  # released in the meantime
+            if lock_is_live(holder, stale_s):
+                return None, holder
+            again = read_lock(path)
+            if again is not None and again.ident == holder.ident:  # still the one judged stale, not a successor's
+                log.warning("%s: taking over the lock of %s, gone or silent for %.0f s", final, holder.describe(),
+                            holder.age)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                if holder.pid is not None:
+                    remove_temporaries(Path(final), holder.pid)
+            continue
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"pid": os.getpid(), "host": HOST, "token": token, "created_unix": time.time()}))
+        except BaseException:
+            os.unlink(path)  # an empty lock would hold the entry for LOCK_STALE_S
+            raise
+        return EntryLock(path, token), None
+    return None, holder
+
+
+def lock_or_wait(final: Path, wait_s: float, poll_s: float = 0.2,
+                 stale_s: float = LOCK_STALE_S) -> tuple[EntryLock | None, bool]:
+    """For a writer with nothing better to do than wait: (lock, False) when this process
+    now writes ``final``; (None, True) when the process it waited for published the
+    entry; (None, False) after ``wait_s`` seconds without either (one warning: the caller
+    then writes without the lock, and the first complete copy wins)."""
+    deadline = time.monotonic() + wait_s
+    waited = False
+    while True:
+        lock, holder = try_lock(final, stale_s)
+        if lock is not None:
+            if waited and (Path(final) / MANIFEST).is_file():
+                lock.release()
+                return None, True
+            return lock, False
+        if time.monotonic() >= deadline:
+            log.warning("%s: %s is still writing it after %.0f s; writing it as well without waiting longer "
+                        "(the first complete copy is kept)", final, holder.describe() if holder else "another process",
+                        wait_s)
+            return None, False
+        if not waited:
+            log.info("%s: %s is writing it; waiting up to %.0f s for it", final,
+                     holder.describe() if holder else "another process", wait_s)
+            waited = True
+        time.sleep(poll_s)
+
+
+def remove_temporaries(final: Path, pid: int) -> None:
+    """The temporary directories that process ``pid`` left for the entry ``final``."""
+    prefix = f"{TMP_PREFIX}{final.name}-{pid}-"
+    try:
+        names = [p for p in final.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for p in names:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def entry_is_valid(entry: Path) -> bool:
+    try:
+        return not verify_entry(entry, read_manifest(entry), checksums=True)
+    except CacheEntryError:
+        return False
+
+
+def remove_entry(entry: Path, judged: dict | None) -> bool:
+    """Remove a damaged entry, under its lock, if it is still the one judged damaged
+    (``judged``: its manifest then, None if unreadable). A process holding the lock will
+    publish over it itself."""
+    try:
+        lock, _holder = try_lock(entry)
+    except OSError:
+        return False
+    if lock is None:
+        return False
+    try:
+        try:
+            now = read_manifest(entry)
+        except CacheEntryError:
+            now = None
+        if now == judged and Path(entry).exists():
+            remove_tree(entry)
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        lock.release()
+
+
 class EntryWriter:
     """Writes an entry into a temporary directory beside its final place, then renames
-    it into place: readers see either no entry or a complete one."""
+    it into place: readers see either no entry or a complete one. ``lock``: the entry's
+    lock, refreshed with every file and released when the writer is done."""
 
-    def __init__(self, final: Path):
+    def __init__(self, final: Path, lock: EntryLock | None = None):
         self.final = Path(final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self.final.name}-{os.getpid()}-", dir=self.final.parent))
+        self.lock = lock
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self.final.name}-{os.getpid()}-",
+                                             dir=self.final.parent))
+        except BaseException:
+            self._release()
+            raise
         self.files: dict[str, dict] = {}
         self.done = False
 
@@ -96,41 +296,53 @@ class EntryWriter:
         (self.tmp / name).write_bytes(data)
         faults.inject(f"{self.kind}.write")
         self.files[name] = {"sha256": bytes_sha256(data), "bytes": len(data)}
+        if self.lock is not None:
+            self.lock.refresh()
 
     @property
     def nbytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
 
-    def commit(self, manifest: dict) -> bool:
-        """Publish the entry; False when it could not be (another process published the same
-        key first, or an old entry could not be replaced): ours is then discarded."""
+    def commit(self, manifest: dict, replace: bool = False) -> bool:
+        """Publish the entry: True. False when a valid entry of another process is already
+        in place (ours is discarded; ``replace``: ours replaces it). A damaged or
+        half-removed directory in the way is replaced. OSError when it cannot be written."""
         now = time.time()
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": self.files, "bytes": self.nbytes,
                     "created_unix": now, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
                     "writer_pid": os.getpid()}
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        (self.tmp / LAST_USED).touch()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; an entry is as shared as its cache dir
-        faults.inject(f"{self.kind}.publish")
-        for attempt in range(2):
+        try:
+            (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            (self.tmp / LAST_USED).touch()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; an entry is as shared as its cache dir
+            faults.inject(f"{self.kind}.publish")
             try:
                 os.rename(self.tmp, self.final)
-                self.done = True
-                return True
             except OSError:
-                if attempt or (self.final / MANIFEST).is_file():
-                    break
-                # a directory without a manifest is not an entry (an interrupted removal): replace it
-                shutil.rmtree(self.final, ignore_errors=True)
-        self.abort()
-        return False
+                if not self.final.exists():
+                    raise
+                if not replace and entry_is_valid(self.final):
+                    return False
+                remove_tree(self.final)
+                os.rename(self.tmp, self.final)
+            self.done = True
+            return True
+        finally:
+            self.abort()
 
     def abort(self) -> None:
+        """Drop the temporary directory (unless published) and release the lock."""
         if not self.done:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.done = True
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def writer_pid(path: Path) -> int | None:
@@ -147,7 +359,12 @@ def writer_pid(path: Path) -> int | None:
 
 
 def live_writer(path: Path) -> int | None:
-    """The pid of the live process still writing (or removing) ``path``, else None."""
+    """The pid of the live process still writing (or removing) ``path``, else None. For a
+    lock file (``.lock-<entry>``): its holder's pid while the lock is live (0 when the
+    file does not say yet)."""
+    if Path(path).name.startswith(LOCK_PREFIX):
+        info = read_lock(Path(path))
+        return (info.pid or 0) if info is not None and lock_is_live(info) else None
     pid = writer_pid(path)
     return pid if pid is not None and pid_alive(pid) else None
 
@@ -470,8 +687,8 @@ class _MemoryEntry:
 
 
 class _DiskEntryWriter:
-    def __init__(self, final: Path):
-        self.writer = EntryWriter(final)
+    def __init__(self, final: Path, lock: EntryLock | None = None):
+        self.writer = EntryWriter(final, lock)
         self.names: list[list[str]] = []
 
     @property
@@ -600,6 +817,7 @@ class BatchCache:
         self.entry: _MemoryEntry | _DiskEntry | None = None
         self.rebuilds: list[str] = []
         self._warned_read = False
+        self._warned_busy: set[int | None] = set()
         if self.store == "disk":
             self._open_disk_entry(first=True)
 
@@ -634,6 +852,8 @@ class BatchCache:
         pass is a complete, counted one). Uncounted passes (sanity checks) are never recorded."""
         if counted:
             self._check_key()
+        if self.entry is None and self.store == "disk" and (entry_path(self.cache_dir, self.key) / MANIFEST).is_file():
+            self._open_disk_entry(first=False)  # published by another process since we looked
         entry = self.entry
         if entry is not None and entry.num_batches >= num_batches:
             return self._replay(loader, entry, min(num_batches, entry.num_batches), counted, epoch)
@@ -665,6 +885,7 @@ class BatchCache:
     def _open_disk_entry(self, first: bool) -> None:
         path = entry_path(self.cache_dir, self.key)
         if (path / MANIFEST).is_file():
+            manifest = None
             try:
                 manifest = read_manifest(path)
                 if manifest.get("key") != self.key.hexdigest:
@@ -675,10 +896,7 @@ class BatchCache:
             except CacheEntryError as exc:
                 log.warning("Tensor cache entry is corrupt, rebuilding it: %s", exc)
                 self.rebuilds.append(f"corrupt entry: {exc}")
-                try:
-                    remove_tree(path)
-                except OSError:
-                    pass
+                remove_entry(path, judged=manifest)
                 return
             self.entry = _DiskEntry(path, manifest)
             touch_last_used(path)
@@ -712,10 +930,7 @@ class BatchCache:
                 self.rebuilds.append(f"unreadable entry: {exc}")
                 self.close()
                 if isinstance(entry, _DiskEntry):
-                    try:
-                        remove_tree(entry.path)
-                    except OSError:
-                        pass
+                    remove_entry(entry.path, judged=entry.manifest)
                 yield from self._rest_from_loader(loader, i, n, counted)
                 return
             if counted:
@@ -747,12 +962,26 @@ class BatchCache:
         if self.store == "off":
             return None
         if self.store == "disk":
+            final = entry_path(self.cache_dir, self.key)
             try:
-                return _DiskEntryWriter(entry_path(self.cache_dir, self.key))
+                lock, holder = try_lock(final)
+                if lock is None:
+                    self._busy(final, holder)
+                    return None
+                return _DiskEntryWriter(final, lock)
             except OSError as exc:
                 self._disk_failed(None, exc)
                 return None
         return _MemoryEntry(self.store)
+
+    def _busy(self, final: Path, holder: LockInfo | None) -> None:
+        """Another process writes this entry: this pass comes from the loader, unrecorded."""
+        pid = holder.pid if holder else None
+        if pid not in self._warned_busy:
+            self._warned_busy.add(pid)
+            log.warning("%s tensor cache: %s is writing %s; this pass is read from the loader without recording "
+                        "it, and the entry is replayed once that process has published it", self.split,
+                        holder.describe() if holder else "another process", final)
 
     def _disk_failed(self, recording: "_DiskEntryWriter | None", exc: OSError) -> None:
         """A disk write failed (full disk, permissions): drop what was written, warn once and
@@ -781,21 +1010,20 @@ class BatchCache:
                         "num_samples": sum(len(n) for n in recording.names), "names": recording.names}
             path = recording.writer.final
             try:
+                # not published: another process's entry, verified like at start-up, is in place
                 published = recording.writer.commit(manifest)
             except OSError as exc:
                 self._disk_failed(recording, exc)
                 return
             try:
                 manifest = read_manifest(path)
-                # someone else's entry is trusted only after the same check as at start-up
-                problems = [] if published else verify_entry(path, manifest, checksums=True)
-                if problems:
-                    raise CacheEntryError(f"{path}: " + "; ".join(problems[:3]))
             except CacheEntryError as exc:
                 log.warning("%s tensor cache: could not publish this pass (%s); it will be recorded again", self.split, exc)
                 return
             if published:
                 log.info("%s tensor cache: wrote %s (%d batches, %s)", self.split, path, count, gb(recording.nbytes))
+            else:
+                log.info("%s tensor cache: another process published %s first; replaying its entry", self.split, path)
             self.entry = _DiskEntry(path, manifest)
             return
         self.entry = recording

@@ -5,7 +5,10 @@ DB targets of every sample of a split at the eval geometry (``M = scale(image_si
 max(h, w))``) with the reference ``make_db_targets`` or the vectorised
 ``make_db_targets_batch`` and writes them as one entry ``<cache_dir>/maps/<split>-<key>/``
 (one compressed ``.npz`` per sample, binary maps as uint8, SHA-256 per file in the
-manifest, written atomically like the tensor cache's entries).
+manifest, written atomically like the tensor cache's entries). One process writes a key at
+a time: a second one waits for the first (up to ``wait_s``, default 30 min) and returns
+its entry; when the wait times out it writes the entry as well (the first complete copy
+is kept).
 
 The key has the tensor cache's components that decide a sample's maps: the dataset
 fingerprint, the annotation file's hash, the eval geometry (image size, transforms
@@ -33,8 +36,8 @@ import torch
 
 from ocr.data import geometry
 from ocr.data.batch import TARGET_KEY_OF, TARGET_KEYS
-from ocr.data.cache import (MANIFEST, CacheEntryError, EntryWriter, entry_path, read_file_verified, read_manifest,
-                            rebuild_reason, remove_tree, touch_last_used, verify_entry)
+from ocr.data.cache import (MANIFEST, CacheEntryError, EntryWriter, entry_path, lock_or_wait, read_file_verified,
+                            read_manifest, rebuild_reason, touch_last_used, verify_entry)
 from ocr.data.cache_key import FORMAT_VERSION, CacheKey
 from ocr.data.targets import TARGETS_VERSION
 from ocr.data.transforms import TRANSFORMS_VERSION
@@ -42,6 +45,7 @@ from ocr.data.transforms import TRANSFORMS_VERSION
 log = logging.getLogger(__name__)
 
 GENERATORS = ("reference", "vectorized")
+WAIT_S = 1800.0  # how long a second writer of the same maps waits for the first one
 _MAP_NAMES = ("prob_map", "prob_mask", "thresh_map", "thresh_mask")
 
 
@@ -104,14 +108,23 @@ def decode_maps(data: bytes) -> dict[str, np.ndarray]:
 
 
 def write_maps_entry(cache_dir: str | os.PathLike, key: CacheKey, source, image_size: int, target_kwargs: dict,
-                     generator: str, batch_size: int = 8, progress: bool = True) -> tuple[Path, dict]:
-    """Compute and write the maps of every sample of ``source`` (see the module doc)."""
+                     generator: str, batch_size: int = 8, progress: bool = True,
+                     wait_s: float = WAIT_S) -> tuple[Path, dict]:
+    """Compute and write the maps of every sample of ``source`` (see the module doc). An
+    existing entry of the same key is rewritten (the caller asked for it), unless another
+    process wrote it while this one waited for it."""
     from tqdm.auto import tqdm
 
     final = entry_path(cache_dir, key)
-    if (final / MANIFEST).is_file():
-        remove_tree(final)  # same key: rewrite (the caller asked for it)
-    writer = EntryWriter(final)
+    lock, published = lock_or_wait(final, wait_s)
+    if published:
+        manifest = read_manifest(final)
+        log.info("maps %s: %s was written by process %s while this one waited; using it", key.split, final,
+                 manifest.get("writer_pid", "?"))
+        return final, {"entry": str(final), "samples": int(manifest.get("num_samples", 0)),
+                       "bytes": int(manifest.get("bytes", 0)), "generator": manifest.get("generator", generator),
+                       "image_size": int(manifest.get("image_size", image_size)), "key": key.short}
+    writer = EntryWriter(final, lock)
     files: dict[str, str] = {}
     try:
         n = len(source)
@@ -128,7 +141,9 @@ def write_maps_entry(cache_dir: str | os.PathLike, key: CacheKey, source, image_
         bar.close()
         manifest = {**key.to_manifest(), "samples": files, "num_samples": n, "image_size": int(image_size),
                     "generator": generator}
-        writer.commit(manifest)
+        # the old entry stays readable until this instant; without the lock (the wait timed out) the
+        # first complete copy is kept
+        writer.commit(manifest, replace=lock is not None)
     except BaseException:
         writer.abort()
         raise

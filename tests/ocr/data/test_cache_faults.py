@@ -14,7 +14,8 @@ import pytest
 import torch
 from small_data import REPO, SMALL, VAL, compose_small, tiny_dataset
 
-from ocr.data.cache import MANIFEST, TMP_PREFIX, entry_path, live_writer, read_manifest, verify_entry, writer_pid
+from ocr.data.cache import (LOCK_PREFIX, MANIFEST, TMP_PREFIX, entry_path, live_writer, read_manifest, verify_entry,
+                            writer_pid)
 from ocr.data.datamodule import OCRDataModule
 from ocr.data.maps import MapFiller
 from ocr.faults import ENV
@@ -57,16 +58,19 @@ def test_killed_while_writing_a_cache_entry_leaves_nothing_valid(data, tmp_path,
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, ENV: f"kill@{point}"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    (tmp,) = (cache / "tensors").iterdir()  # the temporary directory only: no entry
+    # the temporary directory and the dead writer's lock only: no entry
+    lock, tmp = sorted((cache / "tensors").iterdir(), key=lambda p: p.name.startswith(TMP_PREFIX))
     assert tmp.name.startswith(TMP_PREFIX) and writer_pid(tmp) is not None and live_writer(tmp) is None
+    assert lock.name.startswith(LOCK_PREFIX) and live_writer(lock) is None
     assert not (tmp / MANIFEST).exists() or point == "tensors.publish"
 
     caplog.set_level(logging.INFO)
     dm, loader = val_loader(data, cache)
-    batches = list(loader)  # recorded anew, not replayed
+    batches = list(loader)  # recorded anew (the dead writer's lock taken over), not replayed
     assert dm.cache_stats()["val"]["tensors"]["passes"][0]["action"] == "record"
     path = entry_path(cache, loader.cache.key)
     assert verify_entry(path, read_manifest(path)) == [] and len(batches) == 3
+    assert leftovers(cache / "tensors") == [path.name]  # its lock and temporary directory are gone
 
 
 @pytest.mark.parametrize("point", ["tensors.write", "tensors.publish"])
@@ -113,8 +117,9 @@ def test_killed_while_writing_precomputed_maps_leaves_no_entry(data, tmp_path, c
     proc = subprocess.run(args, env={**os.environ, ENV: "kill@maps.publish"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    (tmp,) = (tmp_path / "maps").iterdir()
+    lock, tmp = sorted((tmp_path / "maps").iterdir(), key=lambda p: p.name.startswith(TMP_PREFIX))
     assert tmp.name.startswith(TMP_PREFIX) and (tmp / MANIFEST).is_file()  # complete, but never published
+    assert lock.name.startswith(LOCK_PREFIX) and live_writer(lock) is None  # the dead writer's lock
     caplog.set_level(logging.INFO)
     dm = OCRDataModule(compose_small(data, f"{VAL}.cache_config.cache_dir={tmp_path}",
                                      f"{VAL}.cache_config.cache_transformed_tensors=false", f"{VAL}.load_maps=true"),
