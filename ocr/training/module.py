@@ -143,7 +143,10 @@ class DBNetModule(L.LightningModule):
         preds = self(batch["images"])
         loss, parts = self.loss(preds, batch)
         n = batch_size(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        # the step value is this rank's; the epoch mean is reduced over the ranks once, at the
+        # epoch's end (one log with on_step and sync_dist would all-reduce every step)
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
         return loss
 
@@ -152,7 +155,7 @@ class DBNetModule(L.LightningModule):
         preds = self(batch["images"])
         if "thresh_map" in preds and "prob_maps" in batch:
             loss, _ = self.loss(preds, batch)
-            self.log(f"{split}/loss", loss, batch_size=batch_size(batch))
+            self.log(f"{split}/loss", loss, batch_size=batch_size(batch), sync_dist=True)  # reduced at the epoch's end
         self._forward_timer.stop()
         # One pinned non-blocking copy + a CUDA event; post-processing and counting run in the
         # pool's workers while the next batches go through the model.
@@ -202,11 +205,11 @@ class DBNetModule(L.LightningModule):
         metrics = evaluator.compute()
         self.evaluators[split].reset()
         self.last_metrics[split] = metrics
-        # Identical on every rank after the gather: no further reduction needed.
-        self.log(f"{split}/hmean", metrics["cleval"]["hmean"], prog_bar=True)
+        # identical on every rank after the gather: "max" over the ranks keeps them exact
+        self.log(f"{split}/hmean", metrics["cleval"]["hmean"], prog_bar=True, sync_dist=True, reduce_fx="max")
         for family in ("cleval", "iou"):
             for name, value in metrics[family].items():
-                self.log(f"{split}/{family}_{name}", value)
+                self.log(f"{split}/{family}_{name}", value, sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start("val")
