@@ -166,6 +166,11 @@ def test_preset_name_override_refused():
     check_overrides(["data/performance_preset=minimal"])
 
 
+def test_the_readme_shows_the_table_as_it_is():
+    readme = (CONFIGS.parent / "README.md").read_text()
+    assert markdown_table() in readme, "README.md: paste `uv run python -m ocr.config_validation` over its table"
+
+
 def test_markdown_table_lists_every_row():
     lines = markdown_table().splitlines()
     assert lines[0] == "| Key | Allowed | What it sets |"
