@@ -154,6 +154,54 @@ class _PlanBatches:
         return len(self.batches)
 
 
+class _WorkerError:
+    """A worker's decode error, handed to the main process as data: it raises it there as it
+    is (the DataLoader would re-raise it with the worker's traceback as the message)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _WorkerItems(Dataset):
+    """What :class:`ProcessLoader`'s workers read: sample ``(index, epoch)`` and the decode
+    failures it recorded in the worker's copy of the source (``on_error=skip``), which the
+    main process then records in its own; or the decode error (``on_error=raise``)."""
+
+    def __init__(self, dataset: ValidatedOCRDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        failures = getattr(self.dataset.source, "failures", {})
+        known = set(failures)
+        try:
+            item = self.dataset.get(*key)
+        except (ImageDecodeError, ImageReadError) as exc:
+            return _WorkerError(exc)
+        return item, {i: failures[i] for i in failures.keys() - known}
+
+
+class _ReportingCollate:
+    """The dataset's collate over the items, plus the failures of the batch (or its first error)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, results: list):
+        errors = [r for r in results if isinstance(r, _WorkerError)]
+        if errors:
+            return errors[0]
+        items, failures = zip(*results)
+        return self.collate(list(items)), {i: m for found in failures for i, m in found.items()}
+
+
+def _quiet_source_log(worker_id: int) -> None:
+    """Workers do not log decode failures: the main process records and logs each one once."""
+    logging.getLogger(ImageReadError.__module__).disabled = True
+
+
 class ProcessLoader(PlannedLoader):
     """The CPU backend with ``torch.utils.data.DataLoader`` worker processes (the classic
     baseline; the default when the model trains on a GPU). The batches are the
@@ -171,11 +219,12 @@ class ProcessLoader(PlannedLoader):
         self.dataset = dataset
         self._plan_batches = _PlanBatches()
         self.loader = DataLoader(
-            dataset,
+            _WorkerItems(dataset),
             batch_sampler=self._plan_batches,
             num_workers=num_workers,
-            collate_fn=dataset.collator(),
+            collate_fn=_ReportingCollate(dataset.collator()),
             pin_memory=pin_memory,
+            worker_init_fn=_quiet_source_log,
             persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers > 0 else None,
         )
@@ -214,7 +263,14 @@ class _ProcessEpoch:
     def __next__(self) -> dict:
         if self._iterator is None:
             self._iterator = self._loader._start_epoch()
-        return next(self._iterator)
+        out = next(self._iterator)
+        if isinstance(out, _WorkerError):
+            raise out.error
+        batch, failures = out
+        source = self._loader.dataset.source
+        for index, message in sorted(failures.items()):  # raises under on_error=raise
+            source.record_failure(index, ImageDecodeError(message))
+        return batch
 
 
 def _limit_thread_parallelism() -> None:

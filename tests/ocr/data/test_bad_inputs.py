@@ -14,7 +14,7 @@ import torch
 from bad_inputs import BAD_IMAGES, CASES, WORD_PROBLEMS, write_bad_json, write_corpus
 from dali_pipelines.loader import DaliLoader
 from ocr.data.annotations import AnnotationError, load_annotations
-from ocr.data.dataset import ThreadedLoader, ValidatedOCRDataset
+from ocr.data.dataset import ProcessLoader, ThreadedLoader, ValidatedOCRDataset
 from ocr.data.source import ImageReadError, SampleSource
 from ocr.data.transforms import ImageDecodeError, TransformParams
 
@@ -40,6 +40,8 @@ def make_loader(kind, source, train=False, batch_size=4):
         return DaliLoader(source, params, TARGET_KW, batch_size, shuffle=train, drop_last=False, seed=0,
                           device="cpu", num_threads=1)
     dataset = ValidatedOCRDataset(source, params, target_kwargs=TARGET_KW, target_mode="vectorized")
+    if kind == "processes":  # the CPU backend's DataLoader worker processes
+        return ProcessLoader(dataset, batch_size, shuffle=train, drop_last=False, seed=0, num_workers=1)
     return ThreadedLoader(dataset, batch_size, shuffle=train, drop_last=False, seed=0, num_threads=1)
 
 
@@ -150,10 +152,12 @@ def test_backends_show_the_same_pixels(corpus):
     assert word < cpu["images"][cpu["names"].index("exif_rotated.jpg"), :, 30:36, 12:48].mean() - 1.0
 
 
+@pytest.mark.parametrize("kind", ["cpu", "processes", "dali"])
 def test_decode_error_mid_epoch(corpus, kind, tmp_path):
     """An image that passes the header checks but does not decode: on_error=raise stops with the
-    CPU backend's message naming the file (DALI too) and the next iter() works; on_error=skip
-    replaces it in its batch and counts it."""
+    CPU backend's message naming the file (DALI and worker processes too) and the next iter()
+    works; on_error=skip replaces it in its batch and counts it (in this process, for worker
+    processes too)."""
     root = write_corpus(tmp_path, ["control", "png_alpha", "grayscale_png", "bmp", "webp"], splits=("val",))
     bad = root / "images" / "val" / "gray.png"
     good_bytes = bad.read_bytes()
@@ -171,5 +175,5 @@ def test_decode_error_mid_epoch(corpus, kind, tmp_path):
                 names = [n for b in loader for n in b["names"]]
                 assert len(names) == 5 and "gray.png" not in names
             assert list(source.failures.values()) == [f"{bad}: cannot decode image data (272 bytes)"]
-        if kind == "dali":
+        if kind != "cpu":
             loader.close()
