@@ -171,11 +171,52 @@ def _libraries(backend: str) -> dict:
     return libs
 
 
-class OCRDataModule(L.LightningDataModule):
+class BatchHooks(L.LightningDataModule):
+    """The batch-transfer hooks every loader of ours needs (``data_cfg``: the run's ``data``
+    group, for deferred targets)."""
+
+    def __init__(self, data_cfg: DictConfig):
+        super().__init__()
+        self.data_cfg = data_cfg
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Move the Batch's tensors; its lists (polygons, names, ...) stay on the host, as the
+        Batch contract says. Lightning's default walks every polygon of every list (~2 ms
+        per batch of receipts), which would be most of what a replayed validation pass costs."""
+        if isinstance(batch, dict):
+            return batch_to(batch, device, non_blocking=torch.device(device).type == "cuda")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Deferred targets: computed here, on the model's device, for the whole batch
+        (replayed batches already have theirs)."""
+        if needs_targets(batch):
+            attach_targets(batch, target_kwargs(self.data_cfg))
+        return batch
+
+
+class LoaderWhenAsked(BatchHooks):
+    """Hands Lightning ``build()``'s loader when it asks for it (``trainer.test`` /
+    ``trainer.predict``): under DDP that is after the process group is up, and the loaders
+    shard by the rank they see when built (a loader built before would run the whole split
+    on every rank)."""
+
+    def __init__(self, data_cfg: DictConfig, build):
+        super().__init__(data_cfg)
+        self._build = build
+
+    def test_dataloader(self):
+        return self._build()
+
+    def predict_dataloader(self):
+        return self._build()
+
+
+class OCRDataModule(BatchHooks):
     """Sources per split, the backend choice (logged once), the loaders and their caches."""
 
     def __init__(self, cfg: DictConfig, splits: tuple[str, ...] = ("train", "val"), memory_probe: MemoryProbe | None = None):
-        super().__init__()
+        super().__init__(cfg.data)
         self.cfg = cfg
         self.splits = splits
         self.sources: dict[str, SampleSource] = {}
@@ -314,21 +355,6 @@ class OCRDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self.split_loader("test")
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """Move the Batch's tensors; its lists (polygons, names, ...) stay on the host, as the
-        Batch contract says. Lightning's default walks every polygon of every list (~2 ms
-        per batch of receipts), which would be most of what a replayed validation pass costs."""
-        if isinstance(batch, dict):
-            return batch_to(batch, device, non_blocking=torch.device(device).type == "cuda")
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Deferred targets: computed here, on the model's device, for the whole batch
-        (replayed batches already have theirs)."""
-        if needs_targets(batch):
-            attach_targets(batch, target_kwargs(self.cfg.data))
-        return batch
 
     # ------------------------------------------------------------------ keys
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ocr import faults
 from ocr.config import ConfigError  # noqa: F401 - raised here; callers import it from here too
 from ocr.data.backends import CUDA_ACCELERATORS
-from ocr.data.datamodule import OCRDataModule
+from ocr.data.datamodule import LoaderWhenAsked, OCRDataModule
 from ocr.hardware import probe
 from ocr.training.callbacks import CacheStatistics, EpochTimer, RunSummary
 from ocr.training.module import DBNetModule
@@ -400,8 +400,9 @@ def _load_module(cfg: DictConfig) -> DBNetModule:
     return module
 
 
-def test(cfg: DictConfig) -> dict:
-    """Evaluate a checkpoint on ``cfg.split``; returns {"cleval": {...}, "iou": {...}}."""
+def test(cfg: DictConfig) -> dict | None:
+    """Evaluate a checkpoint on ``cfg.split``; returns {"cleval": {...}, "iou": {...}} (None on
+    the other ranks of a DDP run: each rank scores its shard, rank 0 reports the whole split)."""
     output_dir, precision = _common_setup(cfg)
     module = _load_module(cfg)
     split = cfg.split
@@ -413,9 +414,8 @@ def test(cfg: DictConfig) -> dict:
     module.evaluators["test"].reset()
     module.set_transcriptions("test", datamodule.transcriptions(split))  # CLEval as python -m ocr.metrics
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
-    datamodule.trainer = trainer  # the loader's caches read the trainer's limits and device
-    loader = datamodule.split_loader(split)
-    trainer.test(module, dataloaders=loader, verbose=False)
+    datamodule.trainer = trainer  # the loader's caches read the trainer's limits, device and rank
+    trainer.test(module, datamodule=LoaderWhenAsked(cfg.data, lambda: datamodule.split_loader(split)), verbose=False)
     if not trainer.is_global_zero:
         return None  # under DDP the metrics are gathered; rank 0 prints them once
     metrics = module.last_metrics["test"]
@@ -431,8 +431,9 @@ def test(cfg: DictConfig) -> dict:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def predict(cfg: DictConfig) -> Path:
-    """Write predictions for every image in ``cfg.input_dir`` in the annotation format."""
+def predict(cfg: DictConfig) -> Path | None:
+    """Write predictions for every image in ``cfg.input_dir`` in the annotation format; returns
+    the file's path (None on the other ranks of a DDP run: rank 0 writes the one file)."""
     from ocr.data.annotations import Sample, save_annotations
     from ocr.data.backends import build_loader, choose_backend
     from ocr.data.datamodule import transform_params
@@ -452,19 +453,16 @@ def predict(cfg: DictConfig) -> Path:
     samples = [Sample(name=p.name, path=p, polygons=(), ignore=(), word_ids=(), transcriptions=()) for p in paths]
     # unusable images become error records instead of stopping the run
     source = SampleSource(samples, split="predict", on_error="skip", max_pixels=cfg.data.max_image_pixels)
-    loader = build_loader(choose_backend(cfg.loader, trainer_cfg=cfg.trainer), source, transform_params(cfg.data, train=False),
-                          {}, batch_size=cfg.loader.eval_batch_size, shuffle=False, drop_last=False, seed=cfg.seed, with_targets=False)
+    choice = choose_backend(cfg.loader, trainer_cfg=cfg.trainer)
     trainer = build_trainer(cfg, output_dir, precision, [], [], validate=False)
-    batches = trainer.predict(module, dataloaders=loader)
-    images = {}
-    for item in (item for batch in batches for item in batch):
-        words = {
-            # full precision: python -m ocr.metrics then scores the boxes that runners/test.py scores
-            f"{i + 1:04d}": {"points": [[float(x), float(y)] for x, y in poly], "score": round(float(score), 4)}
-            for i, (poly, score) in enumerate(zip(item["polygons"], item["scores"]))
-        }
-        images[item["name"]] = {"words": words}
-    images = _with_error_records(paths, images, source)
+    batches = trainer.predict(module, datamodule=LoaderWhenAsked(cfg.data, lambda: build_loader(
+        choice, source, transform_params(cfg.data, train=False), {}, batch_size=cfg.loader.eval_batch_size,
+        shuffle=False, drop_last=False, seed=cfg.seed, with_targets=False)))
+    # under DDP each rank predicted and decoded its own shard: rank 0 writes them all
+    images, why = _gathered_on_every_rank(_predicted_words(batches), _error_messages(source))
+    if not trainer.is_global_zero:
+        return None
+    images = _with_error_records(paths, images, why)
     out = Path(cfg.output_json) if cfg.output_json else output_dir / "predictions.json"
     save_annotations(out, images)
     log.info("Predictions for %d images (%d words) written to %s", len(images), sum(len(v["words"]) for v in images.values()), out)
@@ -475,11 +473,9 @@ def predict(cfg: DictConfig) -> Path:
     return out
 
 
-def _with_error_records(paths: list[Path], images: dict, source) -> dict:
+def _with_error_records(paths: list[Path], images: dict, why: dict[str, str]) -> dict:
     """Every input image in input order: its predictions, or ``{"words": {}, "error": why}``
     for one that could not be read or decoded (logged with the count)."""
-    why = {p.image: p.message for p in source.problems}
-    why.update({source.samples[i].name: message for i, message in source.failures.items()})
     out, failed = {}, []
     for path in paths:
         if path.name in images and path.name not in why:
@@ -491,6 +487,42 @@ def _with_error_records(paths: list[Path], images: dict, source) -> dict:
         log.warning("%d of %d images could not be read or decoded; written as error records:\n%s", len(failed),
                     len(paths), "\n".join(f"  - {m}" for m in failed))
     return out
+
+
+def _predicted_words(batches: list) -> dict:
+    """{image name: {"words": {...}}} from ``trainer.predict``'s batches (this rank's)."""
+    images = {}
+    for item in (item for batch in batches for item in batch):
+        words = {
+            # full precision: python -m ocr.metrics then scores the boxes that runners/test.py scores
+            f"{i + 1:04d}": {"points": [[float(x), float(y)] for x, y in poly], "score": round(float(score), 4)}
+            for i, (poly, score) in enumerate(zip(item["polygons"], item["scores"]))
+        }
+        images[item["name"]] = {"words": words}
+    return images
+
+
+def _error_messages(source) -> dict[str, str]:
+    """{image name: why} of the images this process could not read or decode."""
+    why = {p.image: p.message for p in source.problems}
+    why.update({source.samples[i].name: message for i, message in source.failures.items()})
+    return why
+
+
+def _gathered_on_every_rank(images: dict, why: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """Under DDP, every rank's ``images`` and ``why`` merged (on every rank); an image in two
+    shards (the last one is padded by wrapping around) is kept once. Without DDP: as given."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return images, why
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (images, why))
+    all_images, all_why = {}, {}
+    for rank_images, rank_why in parts:
+        for name, entry in rank_images.items():
+            all_images.setdefault(name, entry)
+        for name, message in rank_why.items():
+            all_why.setdefault(name, message)
+    return all_images, all_why
 
 
 def _overlay_ground_truth(cfg: DictConfig, folder: Path, paths: list[Path]) -> dict | None:
