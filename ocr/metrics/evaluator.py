@@ -135,7 +135,10 @@ class DetectionEvaluator:
         iou, cleval = IoUCounts(), CLEvalCounts()
         iou += self._iou
         cleval += self._cleval
-        for image_iou, image_cleval in self._by_key.values():
+        # in key (image name) order: the float sums then do not depend on the order the images
+        # arrived in (under DDP, rank by rank), so one process and N ranks give the same bits
+        for key in sorted(self._by_key):
+            image_iou, image_cleval = self._by_key[key]
             iou += image_iou
             cleval += image_cleval
         return iou, cleval

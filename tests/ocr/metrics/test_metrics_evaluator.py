@@ -194,6 +194,24 @@ def test_an_image_repeated_across_ranks_counts_once():
     assert rank0.counts() == one.counts()
 
 
+def test_keyed_images_sum_to_the_same_bits_in_any_arrival_order():
+    """Under DDP the images arrive rank by rank (0, 2, 4, 1, 3): the sums must not depend on it,
+    even when the per-image counts are floats that do not add associatively."""
+    from ocr.metrics.cleval_metric import CLEvalCounts
+    from ocr.metrics.iou_metric import IoUCounts
+
+    penalties = [0.1, 0.2, 0.3, 1e16, -1e16, 0.7, 1 / 3]
+    names = [f"img{i}.jpg" for i in range(len(penalties))]
+    results = []
+    for order in (range(len(names)), [0, 2, 4, 6, 1, 3, 5], reversed(range(len(names)))):
+        ev = DetectionEvaluator()
+        for i in order:
+            ev.add_counts(IoUCounts(), CLEvalCounts(num_char_gt=10, num_char_det=10, tp_recall=10, tp_precision=10,
+                                                    gran_recall=penalties[i], gran_precision=penalties[i]), key=names[i])
+        results.append(ev.counts())
+    assert results[0] == results[1] == results[2]
+
+
 def test_iou_threshold_is_strict_and_configurable():
     shifted = box(30, 10)  # IoU with A = 80*25 / (120*25) = 2/3
     assert iou_image_counts([A], [False], [shifted]).num_matched == 1
