@@ -275,7 +275,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     found = [*runs.glob(f"*/checkpoints/{LAST}"), *runs.glob("*/hpc_ckpt_*.ckpt")]
     if not found:
         raise ConfigError(f"ckpt_path=last: no checkpoint of this experiment to resume (no */checkpoints/{LAST} "
-                          f"under {runs}); give a checkpoint file, or start without ckpt_path")
+                          f"or */hpc_ckpt_*.ckpt under {runs}); give a checkpoint file, or start without ckpt_path")
     newest = max(found, key=lambda p: p.stat().st_mtime)
     log.info("ckpt_path=last: resuming from %s (the newest checkpoint under %s)", newest, runs)
     return str(newest)
@@ -295,6 +295,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the checkpoint from the rest of the group
             faults.inject("checkpoint.publish")
             os.replace(tmp, path)
         except BaseException:
