@@ -9,7 +9,6 @@ import io
 import json
 import os
 import statistics
-import tempfile
 from pathlib import Path
 
 COLUMNS = [
@@ -193,11 +192,9 @@ def _csv_row(row: dict) -> dict:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from ocr.data.annotations import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 NOTES = [

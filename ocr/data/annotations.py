@@ -489,10 +489,11 @@ def check_annotations(
 # --------------------------------------------------------------------------- saving
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fault_point: str | None = None) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync,
     ``os.replace``. Parent directories are created. An existing file's permission
-    bits are kept; new files get 0o644."""
+    bits are kept; new files get 0o644. ``fault_point``: the ``ocr.faults`` point called
+    between the write and the rename (tests)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -506,6 +507,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if fault_point:
+            from ocr import faults
+
+            faults.inject(fault_point)
         os.replace(tmp, path)
     except BaseException:
         try:

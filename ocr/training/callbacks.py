@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ocr import faults
+from ocr.data.annotations import atomic_write_bytes
 from ocr.data.batch import batch_size
 from ocr.hardware import GpuMemoryPeak
 
@@ -151,19 +149,9 @@ def _epoch_line(r: dict) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict, fault_point: str | None = None) -> None:
-    """``payload`` as JSON into a temporary file beside ``path``, then renamed into place.
-    ``fault_point``: the ``ocr.faults`` point called between the two (tests)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, default=str)
-        if fault_point:
-            faults.inject(fault_point)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``payload`` as JSON, written atomically (``atomic_write_bytes``: 0644, fsync, rename).
+    ``fault_point``: the ``ocr.faults`` point called between the write and the rename (tests)."""
+    atomic_write_bytes(path, json.dumps(payload, indent=2, default=str).encode("utf-8"), fault_point)
 
 
 class RunSummary(L.Callback):
