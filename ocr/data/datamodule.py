@@ -96,9 +96,11 @@ def load_split_source(cfg: DictConfig, split: str) -> SampleSource:
     samples = load_annotations(json_path, image_dir, on_error=dcfg.on_error)
     if not samples:
         raise DataConfigError(f"{split} split: {json_path} holds no usable images")
-    log.info("%s split: %d images from %s", split, len(samples), image_dir)
-    return SampleSource(samples, preload=False, split=split, on_error=dcfg.on_error,
-                        max_pixels=cfg.data.max_image_pixels)
+    source = SampleSource(samples, preload=False, split=split, on_error=dcfg.on_error,
+                          max_pixels=cfg.data.max_image_pixels)
+    skipped = len(samples) - len(source)  # images the checks dropped (on_error=skip; listed above)
+    log.info("%s split: %d images from %s%s", split, len(source), image_dir, f" ({skipped} skipped)" if skipped else "")
+    return source
 
 
 def check_cache_config(cfg: DictConfig, splits: tuple[str, ...]) -> None:

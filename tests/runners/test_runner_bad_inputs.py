@@ -119,6 +119,7 @@ def test_skip_trains_on_the_rest_and_lists_what_was_skipped(tmp_path):
         f"  - {images}/text_as.jpg: cannot read image header (cannot identify image file '{images}/text_as.jpg')",
         f"  - {images}/truncated.jpg: image file is truncated (no end-of-image marker)",
         f"  - {images}/zero_byte.jpg: cannot read image header (cannot identify image file '{images}/zero_byte.jpg')",
+        f"train split: 3 images from {images} (3 skipped)",  # 6 annotated images: the header checks drop 3
     ]:
         assert line in log, line
     assert "Traceback" not in stdout + stderr
