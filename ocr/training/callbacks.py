@@ -114,7 +114,8 @@ class EpochTimer(L.Callback):
         if self._train is not None and "train_seconds" not in self._current:
             _sync(pl_module)
             self._current.update(self._train.result("train"))
-        record = dict(self._current)
+        # resumed from a checkpoint saved after the epoch's last batch: no batch ran, no record yet
+        record = {"epoch": trainer.current_epoch, **self._current}
         metrics = trainer.callback_metrics
         if "train/loss_epoch" in metrics:
             record["train_loss"] = round(float(metrics["train/loss_epoch"]), 5)

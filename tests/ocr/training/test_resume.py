@@ -90,3 +90,27 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_root, tmp_p
     assert [e["epoch"] for e in sb] == [2]
     assert sb[-1]["train_loss"] == pytest.approx(sa[-1]["train_loss"], abs=1e-6)
     assert sb[-1]["val_hmean"] == pytest.approx(sa[-1]["val_hmean"], abs=1e-6)
+
+
+def test_resumed_from_a_checkpoint_saved_after_the_epochs_last_batch(tiny_root, tmp_path, monkeypatch):
+    """A preemption checkpoint (SIGTERM, SLURM's SIGUSR1) can land after an epoch's last batch and
+    before its end: the resumed run runs no batch of that epoch, ends it, and goes on."""
+    first = tmp_path / "first"
+    saved = first / "after_last_batch.ckpt"
+
+    def save_and_stop(self):
+        self.trainer.save_checkpoint(saved)
+        raise KeyboardInterrupt
+
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as m:
+        m.setattr(DBNetModule, "on_validation_start", save_and_stop)
+        try:
+            with pytest.raises(SystemExit):
+                run.train(_cfg(tiny_root, first, "cpu", epochs=2))
+        finally:
+            signal.signal(signal.SIGINT, handler)
+    resumed = tmp_path / "resumed"
+    summary = json.loads(Path(run.train(_cfg(tiny_root, resumed, "cpu", epochs=2, ckpt_path=str(saved)))).read_text())
+    assert [e["epoch"] for e in summary["epochs"]] == [0, 1] and "train_seconds" not in summary["epochs"][0]
+    assert summary["epochs"][1]["train_images"] == 4 and _weights(resumed)["global_step"] == 4
