@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dali_pipelines.graphs import OUTPUTS, build_pipeline
-from dali_pipelines.source import DaliBatchSource, EpochControl, unpack_record
+from dali_pipelines.source import WARMUP_EPOCH, DaliBatchSource, EpochControl, unpack_record
 from ocr.data.batch import GEOMETRY_KEY, attach_targets
 from ocr.data.geometry import split_rows
 from ocr.data.sampling import PlannedLoader
@@ -139,7 +139,7 @@ class DaliLoader(PlannedLoader):
         """Run ``fn`` where the pipeline lives (the helper thread on the CPU), in order."""
         return self._submit(fn).result()
 
-    def _pipeline(self):
+    def _pipeline(self, warm_up: bool = True):
         if self._pipe is None:
             self._control = EpochControl()
             self._callback = callback = DaliBatchSource(self.source, self.params, self.plan, self._control,
@@ -156,7 +156,29 @@ class DaliLoader(PlannedLoader):
             self._pipe = pipe
             self._pipe_epoch = 0
             self._finalizer = weakref.finalize(self, _release, pipe, self._control)
+            if warm_up and not self._warm_up():
+                self._discard_pipeline()
+                return self._pipeline(warm_up=False)
         return self._pipe
+
+    def _warm_up(self) -> bool:
+        """Run one batch of the split's largest images (decoded size) through a new pipeline.
+        DALI's host pool (allocations of 32 MB or more, e.g. a batch of decoded receipts) grows
+        in doubling blocks and never shrinks: without this it grows again whenever a shuffle
+        first puts large images together, epochs into a run (benchmarks/soak.py). A decode
+        error here is left to the epoch that meets the image (it names the file there): False,
+        and the pipeline is built again without the warm-up."""
+        self._control.start(self._pipe_epoch, WARMUP_EPOCH)
+        self._epoch_open = True
+        try:
+            self._pipe.run()
+        except StopIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError for operator errors
+            log.debug("DALI warm-up batch failed (%s); building the pipeline again without it", exc)
+            return False
+        self._finish_epoch()
+        return True
 
     def _finish_epoch(self) -> None:
         """Run the open epoch out (cancelled: no new batches) and reset the pipeline."""

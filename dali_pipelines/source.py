@@ -164,6 +164,11 @@ class EpochControl:
             self._owner = False
 
 
+#: The logical epoch of a pipeline's warm-up batch: the split's largest images (see
+#: ``DaliLoader._warm_up``); any epoch number no run reaches.
+WARMUP_EPOCH = 2**31 - 1
+
+
 class DaliBatchSource:
     """``source`` of the graphs' ``fn.external_source`` (``batch=True``, ``batch_info=True``):
     one call per batch, stateless apart from a per-epoch cache of the sample order, so any
@@ -191,16 +196,22 @@ class DaliBatchSource:
         """The samples of batch ``iteration``; images that failed to decode earlier in the run
         (``on_error=skip``) are replaced by their stand-ins (``SampleSource.usable_index``)."""
         if self._order_epoch != epoch:
-            self._order, self._order_epoch = self.plan.order(epoch), epoch
+            self._order, self._order_epoch = self._epoch_order(epoch), epoch
         b = self.plan.batch_size
         indices = [int(i) for i in self._order[iteration * b : (iteration + 1) * b]]
         usable = getattr(self.source, "usable_index", None)  # SampleSource look-alikes have none
         return indices if usable is None else [usable(i) for i in indices]
 
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != WARMUP_EPOCH:
+            return self.plan.order(epoch)
+        pixels = np.array([h * w for h, w in self.source.sizes], dtype=np.int64)
+        return np.argsort(-pixels, kind="stable")[: self.plan.batch_size]
+
     def __call__(self, info) -> tuple[list[np.ndarray], ...]:
         epoch, cancelled, first = self.control.lookup(int(info.epoch_idx))
         iteration = int(info.iteration) + first
-        if cancelled or iteration >= self.plan.num_batches:
+        if cancelled or iteration >= (1 if epoch == WARMUP_EPOCH else self.plan.num_batches):
             raise StopIteration
         columns: tuple[list[np.ndarray], ...] = tuple([] for _ in self.outputs)
         for index in self.batch_indices(epoch, iteration):

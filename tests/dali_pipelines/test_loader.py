@@ -191,6 +191,36 @@ def test_close_removes_the_control_file(train_source):
     assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize("warm_up_fails", [False, True])
+def test_a_new_pipeline_first_runs_the_largest_images(monkeypatch, train_source, warm_up_fails):
+    """Each pipeline starts with one batch of the split's largest images (DALI's host pool then
+    grows to its working size at once, not epochs later: benchmarks/soak.py); the epochs after
+    it are the plan's, as the threaded loader's. A warm-up that fails is dropped, not raised."""
+    from dali_pipelines.source import WARMUP_EPOCH, DaliBatchSource
+
+    calls, real = [], DaliBatchSource.sample_inputs
+
+    def recording(self, index, epoch):
+        calls.append((int(index), int(epoch)))
+        if warm_up_fails and epoch == WARMUP_EPOCH:
+            raise RuntimeError("warm-up decode failed")
+        return real(self, index, epoch)
+
+    monkeypatch.setattr(DaliBatchSource, "sample_inputs", recording)
+    dali, threads = make_loader("dali", train_source), make_loader("threads", train_source)
+    try:
+        got, want = list(dali), list(threads)
+        pixels = [h * w for h, w in train_source.sizes]
+        largest = sorted(range(len(pixels)), key=lambda i: (-pixels[i], i))[:3]
+        assert len(set(pixels)) > 1  # the choice is not just the first three
+        warm = [i for i, e in calls if e == WARMUP_EPOCH]
+        assert warm == (largest[:1] if warm_up_fails else largest)
+        assert [e for _, e in calls if e != WARMUP_EPOCH] == [0] * len(train_source)
+        assert [b["names"] for b in got] == [b["names"] for b in want]
+    finally:
+        _close(dali, threads)
+
+
 def test_parallel_external_source_gives_the_same_batches(train_source):
     """py_start_method="spawn" workers (what runs under Lightning): same batches as the
     in-process source, and an abandoned epoch is cancelled in the workers."""
