@@ -20,6 +20,7 @@ Items carry the uint8 HWC canvas; the collate function normalises the whole batc
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -202,6 +203,16 @@ def _quiet_source_log(worker_id: int) -> None:
     logging.getLogger(ImageReadError.__module__).disabled = True
 
 
+def _worker_context():
+    """Worker processes forked from a fork server (a clean process that has imported this
+    module, so a worker starts in milliseconds): forking the training process itself copies
+    whatever threads hold locks at that moment (DALI's, OpenMP's), and a worker forked from a
+    process that had run a DALI pipeline died of SIGABRT now and then."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class ProcessLoader(PlannedLoader):
     """The CPU backend with ``torch.utils.data.DataLoader`` worker processes (the classic
     baseline; the default when the model trains on a GPU). The batches are the
@@ -225,6 +236,7 @@ class ProcessLoader(PlannedLoader):
             collate_fn=_ReportingCollate(dataset.collator()),
             pin_memory=pin_memory,
             worker_init_fn=_quiet_source_log,
+            multiprocessing_context=_worker_context() if num_workers > 0 else None,
             persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers > 0 else None,
         )

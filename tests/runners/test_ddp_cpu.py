@@ -54,9 +54,11 @@ class SeenNames(L.Callback):
 build_trainer = run.build_trainer
 run.build_trainer = lambda cfg, output_dir, precision, callbacks, *args, **kwargs: build_trainer(
     cfg, output_dir, precision, [*callbacks, SeenNames(output_dir)], *args, **kwargs)
-# not runpy.run_path: it sets sys.argv[0] to the runner, which Lightning would launch as rank 1
-path = {str(REPO / "runners" / "train.py")!r}
-exec(compile(Path(path).read_text(), path, "exec"), {{"__name__": "__main__", "__file__": path}})
+# not runpy.run_path: it sets sys.argv[0] to the runner, which Lightning would launch as rank 1;
+# guarded: DataLoader workers (forkserver) import this script as __mp_main__
+if __name__ == "__main__":
+    path = {str(REPO / "runners" / "train.py")!r}
+    exec(compile(Path(path).read_text(), path, "exec"), {{"__name__": "__main__", "__file__": path}})
 """
 
 COMMON = [
