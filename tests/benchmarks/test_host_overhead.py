@@ -6,12 +6,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import host_overhead  # noqa: E402
 
 
+@pytest.mark.slow
 def test_host_overhead_quick_run_writes_every_figure(tmp_path):
     out = tmp_path / "ho.json"
     rc = host_overhead.main(["--json", str(out), "--quick", "--device", "cpu", "--batch-size", "2",

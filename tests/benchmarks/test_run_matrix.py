@@ -195,6 +195,7 @@ def test_report_merges_two_machines(tmp_path):
     assert run_matrix.main(["report", str(tmp_path / "nothing-here")]) == 2
 
 
+@pytest.mark.slow
 def test_tiny_real_cell_end_to_end_and_reused(tmp_path, capsys, monkeypatch):
     # the stack as it is now, for both matrix runs: a commit made meanwhile in this working tree would
     # (rightly) make the second run a fresh one

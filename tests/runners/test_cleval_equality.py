@@ -112,6 +112,7 @@ def _assert_same(a: dict, b: dict) -> None:
             assert a[family][name] == pytest.approx(b[family][name], abs=1e-4), (family, name, a, b)
 
 
+@pytest.mark.slow
 def test_validation_test_runner_and_cli_agree_on_line_level_data(tmp_path):
     root = tmp_path / "receipts"
     make_line_dataset(root)

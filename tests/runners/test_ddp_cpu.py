@@ -20,6 +20,8 @@ from ocr.data.synthetic import generate_dataset
 from ocr.training import run
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # starts runner processes or trains: -m 'not slow' skips it
 NUM_TRAIN, NUM_VAL, EPOCHS = 8, 5, 2
 
 # The real runner, with one callback more: each rank writes the names of the batches it

@@ -23,6 +23,8 @@ from ocr.training.module import DBNetModule
 from test_cleval_equality import OVERRIDES as CLEVAL_OVERRIDES, ink_detector, make_line_dataset
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # starts runner processes or trains: -m 'not slow' skips it
 # a runner's command line takes the preset as a config group choice
 OVERRIDES = [o.replace("data.performance_preset=", "data/performance_preset=") for o in CLEVAL_OVERRIDES]
 NUM_IMAGES = 5

@@ -24,6 +24,8 @@ from ocr.data.synthetic import generate_dataset
 from ocr.faults import ENV
 from ocr.training import run
 
+pytestmark = pytest.mark.slow  # starts runner processes or trains: -m 'not slow' skips it
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
         "trainer.precision=32-true", "trainer.enable_progress_bar=false", "data.image_size=64", "data.train_crop_size=0",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -21,6 +22,8 @@ from ocr.training.module import DBNetModule
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "ocr" / "data"))
 from bad_inputs import write_bad_json, write_corpus  # noqa: E402
+
+pytestmark = pytest.mark.slow  # starts runner processes or trains: -m 'not slow' skips it
 
 COMMON = ["data.image_size=64", "data.targets.min_text_size=3", "loader.backend=cpu", "loader.num_workers=0",
           "loader.batch_size=1", "loader.eval_batch_size=1", "data/performance_preset=none", "trainer.accelerator=cpu",

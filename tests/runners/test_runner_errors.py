@@ -89,6 +89,7 @@ def pretrained_checkpoint(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_pretrained_checkpoint_predicts_offline_and_ignored_keys_are_reported(pretrained_checkpoint, tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -29,6 +29,7 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory, "d", seed=4, num_val=6, num_train=2)
 
 
+@pytest.mark.slow
 def test_cached_validation_is_identical_and_cheap(data, tmp_path):
     off = run(data, tmp_path / "off", f"{VAL}.cache_config.cache_transformed_tensors=false")
     on = run(data, tmp_path / "on", f"{VAL}.cache_config.cache_transformed_tensors=true", f"{VAL}.cache_config.store=host")

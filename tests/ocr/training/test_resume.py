@@ -17,6 +17,8 @@ from ocr.data.synthetic import generate_dataset
 from ocr.training import run
 from ocr.training.module import DBNetModule
 
+pytestmark = pytest.mark.slow  # starts runner processes or trains: -m 'not slow' skips it
+
 REPO = Path(__file__).resolve().parents[3]
 
 
