@@ -67,9 +67,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
-    return torch.empty(0, dtype=dtype).set_(storage.untyped(), 0, shape)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    storage = torch.UntypedStorage._new_shared(nbytes)  # (the TypedStorage route warns: deprecated)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def stack_images(images: list[np.ndarray], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
