@@ -1,13 +1,18 @@
-"""``cache_manager.py clear --stale`` removes the temporary directories of killed writers
-and keeps those of live ones (the pid in the name, as ``ocr/shm.py`` checks)."""
+"""``cache_manager.py clear --stale`` removes the temporary directories and entry locks
+(``ocr.data.cache.EntryLock``) of killed writers and keeps those of live ones (the pid, as
+``ocr/shm.py`` checks)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from ocr.data.cache import HOST
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,3 +46,25 @@ def test_clear_stale_keeps_a_live_writers_temporary_directory(tmp_path, capsys):
     assert live.is_dir() and not dead.exists() and not trash.exists()
     assert f"kept {live} (process {os.getpid()} is still writing it)" in out
     assert cm.main(["--cache-dir", str(tmp_path), "health"]) == 0  # a write in progress is no problem
+
+
+def _lock(path: Path, pid: int) -> Path:
+    path.write_text(json.dumps({"pid": pid, "host": HOST, "token": "t", "created_unix": time.time()}))
+    return path
+
+
+def test_clear_stale_keeps_a_live_writers_lock_and_removes_a_dead_ones(tmp_path, capsys):
+    folder = tmp_path / "tensors"
+    folder.mkdir()
+    dead_pid = _dead_pid()
+    live_tmp = folder / f".tmp-val-0123456789abcdef-{os.getpid()}-k2j4x8"
+    live_tmp.mkdir()
+    live = _lock(folder / ".lock-val-0123456789abcdef", os.getpid())
+    dead = _lock(folder / ".lock-val-fedcba9876543210", dead_pid)
+    assert cm.main(["--cache-dir", str(tmp_path), "health"]) == 1
+    assert f"orphan: {dead}: lock file of a writer" in capsys.readouterr().out
+    assert cm.main(["--cache-dir", str(tmp_path), "clear", "--stale"]) == 0
+    out = capsys.readouterr().out
+    assert live.is_file() and live_tmp.is_dir() and not dead.exists()
+    assert f"kept {live} (process {os.getpid()} is still writing it)" in out
+    assert cm.main(["--cache-dir", str(tmp_path), "health"]) == 0
